@@ -1,0 +1,105 @@
+//! Responses the server sends, one per request.
+
+use crate::error::{ErrorCode, ErrorResponse};
+use crate::message::{Delivery, Position, ReceiptHandle};
+use serde::{Deserialize, Serialize};
+
+/// Every response. New variants are only ever appended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The request failed; nothing was applied.
+    Error(ErrorResponse),
+    /// Handshake accepted.
+    HelloOk(HelloOk),
+    /// A topic, after create or describe.
+    Topic(TopicInfo),
+    /// All topics.
+    Topics(Vec<TopicInfo>),
+    /// A publish is durable.
+    Published(Published),
+    /// Leased messages (possibly none after the wait).
+    Messages(Vec<Delivery>),
+    /// Acks applied.
+    Acked(AckResult),
+    /// Nacks applied.
+    Nacked(AckResult),
+    /// Lease changed.
+    InvisibilityChanged,
+    /// Broker counters.
+    Stats(BrokerStats),
+}
+
+/// Handshake answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloOk {
+    /// The server's protocol version.
+    pub protocol_version: u16,
+    /// The node's id.
+    pub node_id: u64,
+    /// Largest frame the server accepts.
+    pub max_frame_len: u32,
+}
+
+/// A topic and its queues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    /// Topic name.
+    pub name: String,
+    /// Per-queue offsets, indexed by queue number.
+    pub queues: Vec<QueueInfo>,
+    /// Creation time (milliseconds since the Unix epoch).
+    pub created_at_ms: u64,
+}
+
+/// Offsets of one queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// Offset of the oldest retained message.
+    pub low_offset: u64,
+    /// Offset the next message will get.
+    pub next_offset: u64,
+}
+
+/// Proof that a publish is durable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// One position per message, in request order.
+    pub positions: Vec<Position>,
+    /// How the batch was made durable (G1: the ack says so).
+    pub durability: Durability,
+}
+
+/// What stands behind an acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durability {
+    /// Commit index of the write (the replicated log index once replicated).
+    pub commit_index: u64,
+    /// Nodes that had written and fsynced the entry before the ack.
+    pub fsynced_replicas: u32,
+    /// Voting members at that time.
+    pub voters: u32,
+}
+
+/// Outcome of an ack or nack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckResult {
+    /// How many receipts took effect.
+    pub applied: u32,
+    /// Receipts that did not, with the reason.
+    pub rejected: Vec<(ReceiptHandle, ErrorCode)>,
+}
+
+/// Broker counters since the process started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerStats {
+    /// Durable storage commits (each one fsync).
+    pub fsyncs: u64,
+    /// Commands applied to the state machine.
+    pub commands_applied: u64,
+    /// Messages appended.
+    pub messages_appended: u64,
+    /// Message bytes appended (bodies).
+    pub bytes_appended: u64,
+    /// Open client connections.
+    pub connections: u64,
+}
