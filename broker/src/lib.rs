@@ -1,1 +1,36 @@
-pub fn x(){}
+//! The Escrow broker node.
+//!
+//! A node listens for clients over QUIC (ALPN `escrow/1`), turns every state change
+//! into a [`state::command::Command`], group-commits commands through the
+//! deterministic [`state::StateMachine`] into redb (one fsync per batch), and only
+//! then answers. Consumer-group leases are leader-local soft state ([`groups`]).
+//!
+//! ```no_run
+//! use escrow_broker::{config::{BrokerConfig, TlsFiles}, tls, Broker};
+//!
+//! # async fn run() -> anyhow::Result<()> {
+//! let dir = std::path::PathBuf::from("/tmp/escrow-example");
+//! let certs = tls::ensure_dev_tls(&dir, &[])?;
+//! let config = BrokerConfig::new(
+//!     "127.0.0.1:0".parse()?,
+//!     dir,
+//!     TlsFiles { cert: certs.node_cert, key: certs.node_key },
+//! );
+//! let broker = Broker::start(config).await?;
+//! println!("listening on {}", broker.local_addr());
+//! broker.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod broker;
+mod commands;
+pub mod commit;
+pub mod config;
+pub mod groups;
+pub mod metrics;
+mod server;
+pub mod state;
+pub mod storage;
+pub mod tls;
+
+pub use broker::{Broker, StartError};

@@ -1,1 +1,32 @@
-pub fn x(){}
+//! Client plumbing shared by `escrow-producer`, `escrow-consumer` and the `escrow` CLI:
+//! the QUIC endpoint, TLS trust (CA file or pinned fingerprint), the version handshake
+//! and one-request-per-stream exchanges.
+//!
+//! ```no_run
+//! use escrow_client::{ClientConfig, Connection, Trust};
+//! use escrow_proto::{Request, Response};
+//!
+//! # async fn run() -> Result<(), escrow_client::ClientError> {
+//! let config = ClientConfig::new("127.0.0.1:7440", Trust::CaFile("ca.pem".into()));
+//! let conn = Connection::connect(&config).await?;
+//! if let Response::Topics(topics) = conn.request(&Request::ListTopics).await? {
+//!     println!("{} topics", topics.len());
+//! }
+//! # Ok(()) }
+//! ```
+
+mod connection;
+mod error;
+pub mod tls;
+pub mod wire;
+
+pub use connection::{transport_config, unexpected, ClientConfig, Connection};
+pub use error::ClientError;
+pub use tls::Trust;
+
+/// Milliseconds since the Unix epoch, by the local clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

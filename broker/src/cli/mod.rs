@@ -1,0 +1,133 @@
+//! Command-line interface of the `escrow` binary.
+
+mod dev;
+mod receive;
+mod send;
+mod topic;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use escrow_broker::config::DEFAULT_CLIENT_PORT;
+use escrow_client::{ClientConfig, Connection, Trust};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "escrow", version, about = "Escrow: a transactional message queue")]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Log filter (RUST_LOG syntax), e.g. `info` or `escrow_broker=debug`.
+    #[arg(long, global = true, env = "RUST_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How client commands reach a broker.
+#[derive(Debug, Args)]
+struct ConnArgs {
+    /// Broker address (host:port). Defaults to where `escrow dev` listens.
+    #[arg(long, global = true, env = "ESCROW_SERVER")]
+    server: Option<String>,
+    /// CA certificate (PEM) to trust. Defaults to the one `escrow dev` keeps in its default data directory.
+    #[arg(long, global = true, env = "ESCROW_CA")]
+    ca: Option<PathBuf>,
+    /// Trust exactly the server certificate with this SHA-256 fingerprint instead of a CA.
+    #[arg(long, global = true, env = "ESCROW_FINGERPRINT", conflicts_with = "ca")]
+    fingerprint: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a single-node broker with zero setup (self-signed TLS in the data directory).
+    Dev(dev::DevArgs),
+    /// Create, list and describe topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Publish messages: BODY, or one message per line of standard input.
+    Send(send::SendArgs),
+    /// Receive messages for a consumer group and print their bodies.
+    Receive(receive::ReceiveArgs),
+    /// Print the broker's counters (fsyncs, messages, connections) as JSON.
+    Stats,
+}
+
+/// `$ESCROW_HOME`, else `~/.escrow`.
+pub(crate) fn escrow_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("ESCROW_HOME") {
+        return PathBuf::from(home);
+    }
+    std::env::var_os("HOME")
+        .map_or_else(|| PathBuf::from("."), PathBuf::from)
+        .join(".escrow")
+}
+
+/// Where `escrow dev` keeps its data unless told otherwise.
+pub(crate) fn default_dev_dir() -> PathBuf {
+    escrow_home().join("dev")
+}
+
+impl ConnArgs {
+    fn client_config(&self) -> ClientConfig {
+        let server = self
+            .server
+            .clone()
+            .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_CLIENT_PORT}"));
+        let trust = match (&self.fingerprint, &self.ca) {
+            (Some(fp), _) => Trust::Fingerprint(fp.clone()),
+            (None, Some(ca)) => Trust::CaFile(ca.clone()),
+            (None, None) => Trust::CaFile(escrow_broker::tls::dev_ca_path(&default_dev_dir())),
+        };
+        let mut config = ClientConfig::new(server, trust);
+        config.client_name = "escrow-cli".into();
+        config
+    }
+
+    async fn connect(&self) -> anyhow::Result<Connection> {
+        let config = self.client_config();
+        Connection::connect(&config)
+            .await
+            .with_context(|| format!("connecting to {}", config.server))
+    }
+}
+
+pub(crate) fn init_tracing(cli: &Cli) {
+    let default = match cli.command {
+        Command::Dev(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Topic(cmd) => topic::run(&cli.conn, cmd).await,
+        Command::Send(args) => send::run(&cli.conn, args).await,
+        Command::Receive(args) => receive::run(&cli.conn, args).await,
+        Command::Stats => {
+            let conn = cli.conn.connect().await?;
+            match conn.request(&escrow_proto::Request::Stats).await? {
+                escrow_proto::Response::Stats(s) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "fsyncs": s.fsyncs,
+                            "commands_applied": s.commands_applied,
+                            "messages_appended": s.messages_appended,
+                            "bytes_appended": s.bytes_appended,
+                            "connections": s.connections,
+                        })
+                    );
+                    Ok(())
+                }
+                other => Err(escrow_client::unexpected("stats", &other).into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! One file per request kind; [`dispatch`] routes a decoded request to it.
+
+mod ack;
+mod hello;
+mod publish;
+mod receive;
+mod stats;
+mod topic;
+
+use crate::broker::Shared;
+use crate::server::connection::Session;
+use escrow_proto::{ErrorCode, ErrorResponse, Request, Response};
+
+/// What every handler returns: a response, or an error response.
+type Reply = Result<Response, ErrorResponse>;
+
+pub(crate) async fn dispatch(shared: &Shared, session: &Session, request: Request) -> Response {
+    if !session.ready() && !matches!(request, Request::Hello(_)) {
+        return Response::Error(ErrorResponse::new(
+            ErrorCode::HANDSHAKE_REQUIRED,
+            "send Hello first",
+        ));
+    }
+    let reply = match request {
+        Request::Hello(hello) => hello::handle(shared, session, hello),
+        Request::CreateTopic(create) => topic::create(shared, create).await,
+        Request::ListTopics => topic::list(shared),
+        Request::DescribeTopic { topic } => topic::describe(shared, &topic),
+        Request::Publish(publish) => publish::handle(shared, publish).await,
+        Request::Receive(receive) => receive::handle(shared, receive).await,
+        Request::Ack(ack) => ack::ack(shared, ack).await,
+        Request::Nack(nack) => ack::nack(shared, nack),
+        Request::ChangeInvisibility(change) => ack::change_invisibility(shared, change),
+        Request::Stats => stats::handle(shared),
+    };
+    reply.unwrap_or_else(Response::Error)
+}
+
+/// An `INVALID_ARGUMENT` error.
+fn invalid(message: impl Into<String>) -> ErrorResponse {
+    ErrorResponse::new(ErrorCode::INVALID_ARGUMENT, message)
+}

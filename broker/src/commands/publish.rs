@@ -1,0 +1,91 @@
+use super::{invalid, Reply};
+use crate::broker::Shared;
+use crate::state::command::{Command, Output};
+use crate::state::unknown_topic;
+use escrow_proto::{
+    validate_name, Durability, ErrorCode, ErrorResponse, Message, Publish, Published, Response,
+    MAX_BATCH_MESSAGES,
+};
+use std::sync::atomic::Ordering;
+
+pub(super) async fn handle(shared: &Shared, publish: Publish) -> Reply {
+    validate_name("topic", &publish.topic)?;
+    if publish.messages.is_empty() {
+        return Err(invalid("a publish needs at least one message"));
+    }
+    if publish.messages.len() > MAX_BATCH_MESSAGES {
+        return Err(ErrorResponse::new(
+            ErrorCode::BATCH_TOO_LARGE,
+            format!(
+                "{} messages exceed the batch limit of {MAX_BATCH_MESSAGES}",
+                publish.messages.len()
+            ),
+        ));
+    }
+    for message in &publish.messages {
+        message.validate()?;
+    }
+    let queues = match shared.view().topics.get(&publish.topic) {
+        Some(t) => t.queues.len() as u32,
+        None => return Err(unknown_topic(&publish.topic)),
+    };
+    // Keyless messages of one batch share one queue, so the batch stays one segment.
+    let spread = shared.round_robin.fetch_add(1, Ordering::Relaxed) % queues;
+    let records = publish
+        .messages
+        .into_iter()
+        .map(|m| (route(&m, queues, spread), m))
+        .collect();
+    let committed = shared
+        .committer
+        .propose(Command::Append {
+            topic: publish.topic,
+            producer: publish.producer,
+            records,
+        })
+        .await?;
+    match committed.output {
+        Output::Appended(positions) => Ok(Response::Published(Published {
+            positions,
+            durability: Durability {
+                commit_index: committed.commit_index,
+                fsynced_replicas: 1,
+                voters: 1,
+            },
+        })),
+        Output::Rejected(e) => Err(e),
+        other => Err(invalid(format!("unexpected output {other:?}"))),
+    }
+}
+
+/// Queue for a message: by message group, else by key, else `spread`.
+fn route(message: &Message, queues: u32, spread: u32) -> u32 {
+    match message.message_group.as_ref().or(message.key.as_ref()) {
+        Some(key) => (fnv1a(key.as_bytes()) % u64::from(queues)) as u32,
+        None => spread,
+    }
+}
+
+/// FNV-1a: stable across versions and platforms, so a key maps to the same queue everywhere.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_is_stable() {
+        let mut m = Message::new("1", vec![]);
+        m.key = Some("customer-42".into());
+        let q = route(&m, 8, 0);
+        assert_eq!(q, route(&m, 8, 5), "key wins over spread");
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        m.message_group = Some("g".into());
+        assert_eq!(route(&m, 8, 0), (fnv1a(b"g") % 8) as u32);
+        assert_eq!(route(&Message::new("2", vec![]), 8, 3), 3);
+    }
+}

@@ -1,0 +1,58 @@
+//! Commands: every change of replicated state is one of these, applied in log order.
+
+use escrow_proto::{ErrorResponse, Message, Position, ProducerSequence, TopicInfo};
+use serde::{Deserialize, Serialize};
+
+/// A batch of commands committed together (one durable write) at one time.
+///
+/// The leader stamps `at_ms`, so applying the batch is deterministic everywhere.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Batch {
+    /// Leader's clock when the batch was formed (milliseconds since the Unix epoch).
+    pub at_ms: u64,
+    /// The commands, applied in order.
+    pub commands: Vec<Command>,
+}
+
+/// One state change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create a topic with `queues` queues.
+    CreateTopic {
+        /// Topic name.
+        name: String,
+        /// Queue count.
+        queues: u32,
+    },
+    /// Append messages; the leader has routed each to its queue.
+    Append {
+        /// Topic name.
+        topic: String,
+        /// Producer id and sequence of the first message.
+        producer: Option<ProducerSequence>,
+        /// `(queue, message)` in request order.
+        records: Vec<(u32, Message)>,
+    },
+    /// Mark offsets acked for a consumer group.
+    Ack {
+        /// Topic name.
+        topic: String,
+        /// Consumer group.
+        group: String,
+        /// `(queue, offset)` pairs.
+        offsets: Vec<(u32, u64)>,
+    },
+}
+
+/// The result of applying one command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// A topic was created.
+    TopicCreated(TopicInfo),
+    /// Messages were appended at these positions.
+    Appended(Vec<Position>),
+    /// This many offsets were newly acked.
+    Acked(u32),
+    /// The command was refused and changed nothing (deterministically, on every node).
+    Rejected(ErrorResponse),
+}

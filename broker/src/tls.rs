@@ -1,0 +1,112 @@
+//! Server TLS: loading certificates, and generating a CA and node certificate for dev mode.
+
+use escrow_client::tls::{fingerprint, load_certs, load_key, provider};
+use escrow_client::ClientError;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Files of a development TLS setup, kept under `<data dir>/tls/`.
+#[derive(Clone, Debug)]
+pub struct DevTls {
+    /// The CA certificate clients trust (`--ca`).
+    pub ca_cert: PathBuf,
+    /// The node certificate, signed by the CA.
+    pub node_cert: PathBuf,
+    /// The node's private key.
+    pub node_key: PathBuf,
+    /// SHA-256 fingerprint of the node certificate.
+    pub fingerprint: String,
+}
+
+fn tls_error(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Tls(e.to_string())
+}
+
+/// Where `escrow dev` keeps its CA certificate inside a data directory.
+pub fn dev_ca_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls").join("ca.pem")
+}
+
+/// Loads the dev CA and node certificate from `data_dir/tls`, generating them on first use.
+///
+/// The node certificate names `localhost`, `127.0.0.1`, `::1` and the extra `names`.
+pub fn ensure_dev_tls(data_dir: &Path, names: &[String]) -> Result<DevTls, ClientError> {
+    let dir = data_dir.join("tls");
+    let ca_cert = dev_ca_path(data_dir);
+    let node_cert = dir.join("node.pem");
+    let node_key = dir.join("node.key");
+    if !(ca_cert.exists() && node_cert.exists() && node_key.exists()) {
+        std::fs::create_dir_all(&dir).map_err(tls_error)?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls_error)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Escrow dev CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = KeyPair::generate().map_err(tls_error)?;
+        let ca = ca_params.self_signed(&ca_key).map_err(tls_error)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let mut sans = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
+        sans.extend(names.iter().cloned());
+        let mut params = CertificateParams::new(sans).map_err(tls_error)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Escrow dev node");
+        let key = KeyPair::generate().map_err(tls_error)?;
+        let cert = params.signed_by(&key, &issuer).map_err(tls_error)?;
+        // Key first, then certificates: a crash in between regenerates everything.
+        write_private(&node_key, key.serialize_pem().as_bytes())?;
+        std::fs::write(&node_cert, cert.pem()).map_err(tls_error)?;
+        std::fs::write(&ca_cert, ca.pem()).map_err(tls_error)?;
+    }
+    let certs = load_certs(&node_cert)?;
+    Ok(DevTls {
+        fingerprint: fingerprint(&certs[0]),
+        ca_cert,
+        node_cert,
+        node_key,
+    })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(tls_error)?;
+    file.write_all(bytes).map_err(tls_error)
+}
+
+/// A QUIC server configuration (TLS 1.3, ring) for `alpn`.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    alpn: &[u8],
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ServerConfig, ClientError> {
+    let certs = load_certs(cert)?;
+    let key = load_key(key)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(tls_error)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}

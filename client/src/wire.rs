@@ -1,0 +1,67 @@
+//! Reading and writing whole frames on QUIC streams (shared by client and broker).
+
+use escrow_proto::frame::{self, FrameError, HEADER_LEN};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Why a frame could not be moved over a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The frame itself is bad (too large, malformed).
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream or connection failed.
+    #[error("stream: {0}")]
+    Io(String),
+}
+
+/// Reads one frame's payload, checking its declared length against `max` before allocating.
+///
+/// Returns `Ok(None)` when the stream ended cleanly before a header.
+pub async fn read_payload(
+    recv: &mut quinn::RecvStream,
+    max: u32,
+) -> Result<Option<Vec<u8>>, StreamError> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(FrameError::Malformed(format!("stream ended after {n} header bytes")).into())
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(StreamError::Io(e.to_string())),
+    }
+    let len = frame::payload_len(header, max)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(n) => StreamError::Frame(FrameError::Malformed(
+            format!("stream ended after {n} of {len} payload bytes"),
+        )),
+        quinn::ReadExactError::ReadError(e) => StreamError::Io(e.to_string()),
+    })?;
+    Ok(Some(payload))
+}
+
+/// Reads and decodes one frame; a stream that ends before a frame is malformed.
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: u32,
+) -> Result<T, StreamError> {
+    let payload = read_payload(recv, max)
+        .await?
+        .ok_or_else(|| FrameError::Malformed("stream ended before a frame".into()))?;
+    Ok(frame::decode(&payload)?)
+}
+
+/// Encodes and writes one frame, then finishes the send side.
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    value: &T,
+    max: u32,
+) -> Result<(), StreamError> {
+    let bytes = frame::encode(value, max)?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| StreamError::Io(e.to_string()))?;
+    send.finish().map_err(|e| StreamError::Io(e.to_string()))?;
+    Ok(())
+}
