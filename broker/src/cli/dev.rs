@@ -31,20 +31,21 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     let broker = Broker::start(config).await.context("starting the broker")?;
     let addr = broker.local_addr();
+    // The banner is best effort: a closed stdout must not stop the broker.
     let mut out = std::io::stdout().lock();
-    writeln!(out, "escrow dev: single node listening on {addr} (QUIC)")?;
-    writeln!(out, "  data directory: {}", data_dir.display())?;
-    writeln!(out, "  CA certificate: {}", certs.ca_cert.display())?;
-    writeln!(out, "  node certificate sha256: {}", certs.fingerprint)?;
+    let _ = writeln!(out, "escrow dev: single node listening on {addr} (QUIC)");
+    let _ = writeln!(out, "  data directory: {}", data_dir.display());
+    let _ = writeln!(out, "  CA certificate: {}", certs.ca_cert.display());
+    let _ = writeln!(out, "  node certificate sha256: {}", certs.fingerprint);
     let default_addr = SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLIENT_PORT));
     if data_dir != default_dir || addr != default_addr {
-        writeln!(
+        let _ = writeln!(
             out,
             "  clients: export ESCROW_SERVER={addr} ESCROW_CA={}",
             certs.ca_cert.display()
-        )?;
+        );
     }
-    out.flush()?;
+    out.flush();
     drop(out);
     wait_for_signal().await;
     eprintln!("escrow dev: shutting down");
