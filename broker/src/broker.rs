@@ -94,12 +94,8 @@ impl Broker {
 
         let mut transport = escrow_client::transport_config();
         transport.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
-        let server_config = crate::tls::server_config(
-            &config.tls.cert,
-            &config.tls.key,
-            ALPN_CLIENT,
-            transport,
-        )?;
+        let server_config =
+            crate::tls::server_config(&config.tls.cert, &config.tls.key, ALPN_CLIENT, transport)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
         let local_addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {

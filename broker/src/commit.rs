@@ -131,8 +131,7 @@ fn run(mut machine: StateMachine, published: Published, mut rx: mpsc::Receiver<P
                     .fetch_add(batch.commands.len() as u64, Relaxed);
                 for command in &batch.commands {
                     if let Command::Append { records, .. } = command {
-                        m.messages_appended
-                            .fetch_add(records.len() as u64, Relaxed);
+                        m.messages_appended.fetch_add(records.len() as u64, Relaxed);
                     }
                 }
                 m.bytes_appended.fetch_add(bytes as u64, Relaxed);

@@ -3,8 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Default client port of `escrow dev` and of clients without `--server`.
-pub const DEFAULT_CLIENT_PORT: u16 = 7440;
+pub use escrow_client::defaults::DEFAULT_CLIENT_PORT;
 
 /// Where the node's certificate and key are.
 #[derive(Clone, Debug)]

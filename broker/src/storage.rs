@@ -222,9 +222,7 @@ impl Store {
                     .next_back()
                     .transpose()?;
                 let end = match last {
-                    Some((key, value)) => {
-                        key.value().2 + u64::from(segment_count(value.value())?)
-                    }
+                    Some((key, value)) => key.value().2 + u64::from(segment_count(value.value())?),
                     None => 0,
                 };
                 ends.push(end);

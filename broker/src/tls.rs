@@ -23,10 +23,7 @@ fn tls_error(e: impl std::fmt::Display) -> ClientError {
     ClientError::Tls(e.to_string())
 }
 
-/// Where `escrow dev` keeps its CA certificate inside a data directory.
-pub fn dev_ca_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("tls").join("ca.pem")
-}
+pub use escrow_client::defaults::dev_ca_path;
 
 /// Loads the dev CA and node certificate from `data_dir/tls`, generating them on first use.
 ///

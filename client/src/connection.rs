@@ -190,9 +190,8 @@ pub fn transport_config() -> quinn::TransportConfig {
     transport.max_concurrent_bidi_streams(1024u32.into());
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(30)).unwrap_or(quinn::IdleTimeout::from(
-            quinn::VarInt::from_u32(30_000),
-        )),
+        quinn::IdleTimeout::try_from(Duration::from_secs(30))
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
     ));
     // Large windows so a window of 256 in-flight 1 KiB publishes is never flow-control bound.
     transport.stream_receive_window((8u32 * 1024 * 1024).into());

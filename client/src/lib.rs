@@ -16,6 +16,7 @@
 //! ```
 
 mod connection;
+pub mod defaults;
 mod error;
 pub mod tls;
 pub mod wire;

@@ -27,7 +27,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ClientError::Tls(format!("reading certificates from {}: {e}", path.display())))?;
+        .map_err(|e| {
+            ClientError::Tls(format!("reading certificates from {}: {e}", path.display()))
+        })?;
     if certs.is_empty() {
         return Err(ClientError::Tls(format!(
             "no certificate in {}",

@@ -26,7 +26,9 @@ pub async fn read_payload(
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(FrameError::Malformed(format!("stream ended after {n} header bytes")).into())
+            return Err(
+                FrameError::Malformed(format!("stream ended after {n} header bytes")).into(),
+            )
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(StreamError::Io(e.to_string())),
     }

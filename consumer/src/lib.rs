@@ -24,8 +24,8 @@
 
 use escrow_client::{unexpected, ClientConfig, ClientError, Connection};
 use escrow_proto::{
-    Ack, AckResult, ChangeInvisibility, Delivery, Nack, ReceiptHandle, Receive, Request,
-    Response, MAX_WAIT_MS,
+    Ack, AckResult, ChangeInvisibility, Delivery, Nack, ReceiptHandle, Receive, Request, Response,
+    MAX_WAIT_MS,
 };
 use std::future::Future;
 use std::time::Duration;
@@ -51,7 +51,11 @@ impl Consumer {
         group: impl Into<String>,
         topic: impl Into<String>,
     ) -> Result<Consumer, ClientError> {
-        Ok(Consumer::on(Connection::connect(client).await?, group, topic))
+        Ok(Consumer::on(
+            Connection::connect(client).await?,
+            group,
+            topic,
+        ))
     }
 
     /// A consumer on an existing connection.

@@ -75,8 +75,8 @@ pub fn payload_len(header: [u8; HEADER_LEN], max: u32) -> Result<usize, FrameErr
 
 /// Decodes a payload (without header); every byte must be consumed.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    let (value, rest) = postcard::take_from_bytes(payload)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let (value, rest) =
+        postcard::take_from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(FrameError::TrailingBytes(rest.len()));
     }

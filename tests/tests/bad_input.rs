@@ -3,8 +3,7 @@
 use escrow_client::wire::read_frame;
 use escrow_client::{ClientError, Connection};
 use escrow_proto::{
-    frame, CreateTopic, ErrorCode, Message, Publish, Request, Response, MAX_BODY_LEN,
-    MAX_FRAME_LEN,
+    frame, CreateTopic, ErrorCode, Message, Publish, Request, Response, MAX_BODY_LEN, MAX_FRAME_LEN,
 };
 use escrow_tests::TestNode;
 
@@ -39,8 +38,13 @@ async fn garbage_oversized_and_unknown_get_clear_errors() -> anyhow::Result<()> 
 
     // Garbage: a plausible small length followed by junk.
     let mut garbage = 12u32.to_be_bytes().to_vec();
-    garbage.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]);
-    assert_eq!(code(&raw(&conn, &garbage).await?), Some(ErrorCode::MALFORMED));
+    garbage.extend_from_slice(&[
+        0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3,
+    ]);
+    assert_eq!(
+        code(&raw(&conn, &garbage).await?),
+        Some(ErrorCode::MALFORMED)
+    );
 
     // Text on the wire (an HTTP request): its first bytes read as a ~1 GiB length.
     assert_eq!(
@@ -51,11 +55,20 @@ async fn garbage_oversized_and_unknown_get_clear_errors() -> anyhow::Result<()> 
     // A declared length over the limit is refused before the payload is read.
     let mut huge = (MAX_FRAME_LEN + 1).to_be_bytes().to_vec();
     huge.extend_from_slice(&[0u8; 1024]);
-    assert_eq!(code(&raw(&conn, &huge).await?), Some(ErrorCode::FRAME_TOO_LARGE));
+    assert_eq!(
+        code(&raw(&conn, &huge).await?),
+        Some(ErrorCode::FRAME_TOO_LARGE)
+    );
 
     // A stream that ends mid-frame.
-    assert_eq!(code(&raw(&conn, &[0, 0]).await?), Some(ErrorCode::MALFORMED));
-    assert_eq!(code(&raw(&conn, &[0, 0, 0, 9, 1]).await?), Some(ErrorCode::MALFORMED));
+    assert_eq!(
+        code(&raw(&conn, &[0, 0]).await?),
+        Some(ErrorCode::MALFORMED)
+    );
+    assert_eq!(
+        code(&raw(&conn, &[0, 0, 0, 9, 1]).await?),
+        Some(ErrorCode::MALFORMED)
+    );
 
     // The same connection still works after all of that.
     assert!(matches!(

@@ -93,8 +93,12 @@ async fn unacked_messages_come_back_after_their_invisibility() -> anyhow::Result
     let conn = Connection::connect(&node.client()).await?;
     create_topic(&conn, "t", 1).await?;
     let producer = Producer::connect(ProducerConfig::new(node.client())).await?;
-    producer.send("t", Message::new("m1", b"one".to_vec())).await?;
-    producer.send("t", Message::new("m2", b"two".to_vec())).await?;
+    producer
+        .send("t", Message::new("m1", b"one".to_vec()))
+        .await?;
+    producer
+        .send("t", Message::new("m2", b"two".to_vec()))
+        .await?;
     let a = Consumer::on(conn.clone(), "g", "t");
     let b = Consumer::on(Connection::connect(&node.client()).await?, "g", "t");
 
@@ -104,9 +108,14 @@ async fn unacked_messages_come_back_after_their_invisibility() -> anyhow::Result
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].message.id, "m1");
     // While leased, another consumer of the group gets the next message only.
-    let other = b.receive(10, Duration::from_secs(30), Duration::ZERO).await?;
+    let other = b
+        .receive(10, Duration::from_secs(30), Duration::ZERO)
+        .await?;
     assert_eq!(
-        other.iter().map(|d| d.message.id.as_str()).collect::<Vec<_>>(),
+        other
+            .iter()
+            .map(|d| d.message.id.as_str())
+            .collect::<Vec<_>>(),
         ["m2"]
     );
     // After the lease expires, m1 is delivered again with a higher count (long poll wakes for it).
@@ -123,7 +132,9 @@ async fn unacked_messages_come_back_after_their_invisibility() -> anyhow::Result
     // Nack gives it back at once; ack then removes it for good.
     let nacked = b.nack(&[again[0].receipt], Duration::ZERO).await?;
     assert_eq!(nacked.applied, 1);
-    let third = a.receive(10, Duration::from_secs(30), Duration::ZERO).await?;
+    let third = a
+        .receive(10, Duration::from_secs(30), Duration::ZERO)
+        .await?;
     assert_eq!(third.len(), 1);
     assert_eq!(third[0].delivery_count, 3);
     a.change_invisibility(third[0].receipt, Duration::from_secs(60))
@@ -154,6 +165,9 @@ async fn long_poll_wakes_on_publish() -> anyhow::Result<()> {
     producer.send("t", Message::new("x", b"x".to_vec())).await?;
     let (got, elapsed) = waiting.await?;
     assert_eq!(got?.len(), 1);
-    assert!(elapsed < Duration::from_secs(5), "woke on publish, not at the deadline");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "woke on publish, not at the deadline"
+    );
     Ok(())
 }

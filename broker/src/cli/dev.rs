@@ -1,8 +1,8 @@
-use super::default_dev_dir;
 use anyhow::Context;
 use clap::Args;
 use escrow_broker::config::{BrokerConfig, TlsFiles, DEFAULT_CLIENT_PORT};
 use escrow_broker::{tls, Broker};
+use escrow_client::defaults::default_dev_dir;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,7 +45,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
             certs.ca_cert.display()
         );
     }
-    out.flush();
+    let _ = out.flush();
     drop(out);
     wait_for_signal().await;
     eprintln!("escrow dev: shutting down");

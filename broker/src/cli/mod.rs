@@ -7,12 +7,15 @@ mod topic;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use escrow_broker::config::DEFAULT_CLIENT_PORT;
-use escrow_client::{ClientConfig, Connection, Trust};
+use escrow_client::{defaults, ClientConfig, Connection};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "escrow", version, about = "Escrow: a transactional message queue")]
+#[command(
+    name = "escrow",
+    version,
+    about = "Escrow: a transactional message queue"
+)]
 pub(crate) struct Cli {
     #[command(flatten)]
     conn: ConnArgs,
@@ -52,32 +55,10 @@ enum Command {
     Stats,
 }
 
-/// `$ESCROW_HOME`, else `~/.escrow`.
-pub(crate) fn escrow_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("ESCROW_HOME") {
-        return PathBuf::from(home);
-    }
-    std::env::var_os("HOME")
-        .map_or_else(|| PathBuf::from("."), PathBuf::from)
-        .join(".escrow")
-}
-
-/// Where `escrow dev` keeps its data unless told otherwise.
-pub(crate) fn default_dev_dir() -> PathBuf {
-    escrow_home().join("dev")
-}
-
 impl ConnArgs {
     fn client_config(&self) -> ClientConfig {
-        let server = self
-            .server
-            .clone()
-            .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_CLIENT_PORT}"));
-        let trust = match (&self.fingerprint, &self.ca) {
-            (Some(fp), _) => Trust::Fingerprint(fp.clone()),
-            (None, Some(ca)) => Trust::CaFile(ca.clone()),
-            (None, None) => Trust::CaFile(escrow_broker::tls::dev_ca_path(&default_dev_dir())),
-        };
+        let server = self.server.clone().unwrap_or_else(defaults::default_server);
+        let trust = defaults::trust(self.ca.as_deref(), self.fingerprint.as_deref());
         let mut config = ClientConfig::new(server, trust);
         config.client_name = "escrow-cli".into();
         config

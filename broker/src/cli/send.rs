@@ -84,7 +84,10 @@ pub(crate) async fn run(conn: &ConnArgs, args: SendArgs) -> anyhow::Result<()> {
     }
     eprintln!("sent {sent} messages, {failed} failed");
     if let Some(e) = first_error {
-        bail!("{failed} of {} sends failed; first error: {e}", sent + failed);
+        bail!(
+            "{failed} of {} sends failed; first error: {e}",
+            sent + failed
+        );
     }
     Ok(())
 }

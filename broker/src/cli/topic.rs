@@ -55,7 +55,10 @@ pub(crate) async fn run(conn: &ConnArgs, command: TopicCommand) -> anyhow::Resul
             other => return Err(unexpected("list_topics", &other).into()),
         },
         TopicCommand::Describe { name } => {
-            match client.request(&Request::DescribeTopic { topic: name }).await? {
+            match client
+                .request(&Request::DescribeTopic { topic: name })
+                .await?
+            {
                 Response::Topic(info) => {
                     print(&info);
                     for (i, q) in info.queues.iter().enumerate() {

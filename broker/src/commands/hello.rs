@@ -1,7 +1,9 @@
 use super::Reply;
 use crate::broker::Shared;
 use crate::server::connection::Session;
-use escrow_proto::{ErrorCode, ErrorResponse, Hello, HelloOk, Response, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use escrow_proto::{
+    ErrorCode, ErrorResponse, Hello, HelloOk, Response, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
 
 pub(super) fn handle(shared: &Shared, session: &Session, hello: Hello) -> Reply {
     if hello.protocol_version != PROTOCOL_VERSION {
