@@ -1,17 +1,24 @@
 //! Starting and stopping a broker node.
 
-use crate::commit::{self, CommitHandle, Published};
 use crate::config::BrokerConfig;
 use crate::groups::GroupLeases;
 use crate::metrics::Metrics;
+use crate::proposer::{not_leader, Proposer};
+use crate::raft::filter::NetworkFilter;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{self, NetworkFactory};
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{NodeAddr, Raft, ServerState};
 use crate::server::listener;
-use crate::state::{GroupTopic, Index, StateMachine};
+use crate::state::command::Command;
+use crate::state::{GroupTopic, Index, Published, StateMachine};
 use crate::storage::{StorageError, Store};
-use escrow_proto::ALPN_CLIENT;
-use std::collections::HashMap;
+use escrow_proto::{ErrorResponse, ALPN_CLIENT};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Why a broker could not start.
@@ -24,25 +31,41 @@ pub enum StartError {
     /// Storage could not be opened.
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    /// The Raft log could not be opened.
+    #[error("raft log: {0}")]
+    Log(#[from] redb::Error),
+    /// Raft could not start.
+    #[error("raft: {0}")]
+    Raft(String),
     /// TLS material could not be loaded.
     #[error("tls: {0}")]
     Tls(#[from] escrow_client::ClientError),
-    /// The listen address could not be bound, or a thread not spawned.
+    /// The listen address could not be bound.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// State shared by every connection and request.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: BrokerConfig,
     pub(crate) store: Arc<Store>,
     pub(crate) view: Arc<RwLock<Index>>,
     pub(crate) commits: watch::Receiver<u64>,
-    pub(crate) committer: CommitHandle,
+    pub(crate) proposer: Proposer,
+    pub(crate) raft: Raft,
     pub(crate) leases: Mutex<HashMap<GroupTopic, GroupLeases>>,
+    /// Raft term the leases were granted in; a new term discards them.
+    pub(crate) lease_term: AtomicU64,
     pub(crate) round_robin: AtomicU32,
     pub(crate) metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("node_id", &self.config.node_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -54,43 +77,81 @@ impl Shared {
     pub(crate) fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<GroupTopic, GroupLeases>> {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Ok when this node leads and has applied everything committed before its term
+    /// (its own first entry), so its view is complete. Leases from an older term are dropped.
+    pub(crate) fn require_leader(&self) -> Result<(), ErrorResponse> {
+        let m = self.raft.metrics().borrow().clone();
+        let me = self.config.node_id;
+        let caught_up = m
+            .last_applied
+            .is_some_and(|l| l.leader_id.term == m.current_term);
+        if m.state != ServerState::Leader || m.current_leader != Some(me) || !caught_up {
+            let leader = m
+                .current_leader
+                .filter(|l| *l != me)
+                .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+            return Err(not_leader(leader.as_ref()));
+        }
+        if self.lease_term.swap(m.current_term, Ordering::AcqRel) != m.current_term {
+            self.leases().clear();
+        }
+        Ok(())
+    }
 }
 
 /// A running broker node.
-#[derive(Debug)]
 pub struct Broker {
     local_addr: SocketAddr,
+    raft_addr: SocketAddr,
     endpoint: quinn::Endpoint,
+    peer_endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
-    accept_loop: tokio::task::JoinHandle<()>,
-    commit_thread: std::thread::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("node_id", &self.shared.config.node_id)
+            .field("local_addr", &self.local_addr)
+            .field("raft_addr", &self.raft_addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Broker {
-    /// Opens storage, starts the committer and listens for clients.
+    /// Opens storage, starts Raft and listens for peers and clients.
     pub async fn start(config: BrokerConfig) -> Result<Broker, StartError> {
+        Broker::start_with_filter(config, Arc::new(NetworkFilter::default())).await
+    }
+
+    /// Like [`Broker::start`], with a fault-injection filter on outgoing Raft traffic (tests).
+    pub async fn start_with_filter(
+        config: BrokerConfig,
+        filter: Arc<NetworkFilter>,
+    ) -> Result<Broker, StartError> {
         config.validate().map_err(StartError::Config)?;
         std::fs::create_dir_all(&config.data_dir)?;
+        let metrics = Arc::new(Metrics::default());
         let store = Arc::new(Store::open(&config.data_dir.join("state.redb"))?);
-        let machine = StateMachine::open(store.clone())?;
-        let index = machine.index().clone();
+        let mut machine = StateMachine::open(store.clone())?;
+        let published = Published::new(machine.index().clone(), metrics.clone());
+        machine.publish_to(published.clone());
         tracing::info!(
-            topics = index.topics.len(),
-            commit_index = index.commit_index,
+            topics = machine.index().topics.len(),
+            applied = machine.index().commit_index,
             "state loaded"
         );
-        let view = Arc::new(RwLock::new(index));
-        let metrics = Arc::new(Metrics::default());
-        let (commits_tx, commits) = watch::channel(0);
-        let (committer, commit_thread) = commit::start(
-            machine,
-            Published {
-                view: view.clone(),
-                commits: commits_tx,
-                metrics: metrics.clone(),
-            },
-        )?;
+        let sm = StateMachineStore::new(machine).map_err(|e| StartError::Raft(e.to_string()))?;
+        let log = LogStore::open(&config.data_dir.join("raft-log.redb"), metrics.clone())?;
+
+        let (peer_server, peer_client) =
+            crate::tls::peer_configs(&config.tls.cert, &config.tls.key, &config.tls.ca)?;
+        let mut peer_endpoint = quinn::Endpoint::server(peer_server, config.raft_listen)?;
+        peer_endpoint.set_default_client_config(peer_client);
+        let raft_addr = peer_endpoint.local_addr()?;
 
         let mut transport = escrow_client::transport_config();
         transport.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
@@ -98,29 +159,76 @@ impl Broker {
             crate::tls::server_config(&config.tls.cert, &config.tls.key, ALPN_CLIENT, transport)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
         let local_addr = endpoint.local_addr()?;
+
+        let raft_config = config.raft.config().map_err(StartError::Config)?;
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            NetworkFactory::new(config.node_id, peer_endpoint.clone(), filter),
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = vec![tokio::spawn(network::serve(
+            peer_endpoint.clone(),
+            raft.clone(),
+            shutdown_rx.clone(),
+        ))];
+        let me = NodeAddr {
+            raft_addr: config
+                .advertise_raft
+                .clone()
+                .unwrap_or_else(|| raft_addr.to_string()),
+            client_addr: config
+                .advertise_client
+                .clone()
+                .unwrap_or_else(|| local_addr.to_string()),
+        };
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        if config.bootstrap && !initialized {
+            raft.initialize(BTreeMap::from([(config.node_id, me.clone())]))
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+        }
+
+        let proposer = Proposer::start(raft.clone());
+        tasks.push(tokio::spawn(expire_producers(
+            raft.clone(),
+            proposer.clone(),
+            config.producer_idle_expiry_ms,
+            shutdown_rx.clone(),
+        )));
         let shared = Arc::new(Shared {
             config,
             store,
-            view,
-            commits,
-            committer,
+            view: published.view.clone(),
+            commits: published.commits.subscribe(),
+            proposer,
+            raft,
             leases: Mutex::new(HashMap::new()),
+            lease_term: AtomicU64::new(0),
             round_robin: AtomicU32::new(0),
             metrics,
         });
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let accept_loop = tokio::spawn(listener::serve(
+        tasks.push(tokio::spawn(listener::serve(
             endpoint.clone(),
             shared.clone(),
             shutdown_rx,
-        ));
-        tracing::info!(%local_addr, "listening");
+        )));
+        tracing::info!(%local_addr, %raft_addr, node_id = shared.config.node_id, "listening");
         Ok(Broker {
             local_addr,
+            raft_addr,
             endpoint,
+            peer_endpoint,
             shutdown,
-            accept_loop,
-            commit_thread,
+            tasks,
             shared,
         })
     }
@@ -130,15 +238,56 @@ impl Broker {
         self.local_addr
     }
 
-    /// Stops accepting, closes connections, lets the committer finish and closes storage.
+    /// The bound Raft address.
+    pub fn raft_addr(&self) -> SocketAddr {
+        self.raft_addr
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.shared.config.node_id
+    }
+
+    /// The Raft handle (membership changes, metrics).
+    pub fn raft(&self) -> &Raft {
+        &self.shared.raft
+    }
+
+    /// Stops Raft and the listeners, and closes storage.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        let _ = self.shared.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"shutting down");
-        let _ = self.accept_loop.await;
+        self.peer_endpoint.close(0u32.into(), b"shutting down");
+        for task in self.tasks {
+            let _ = task.await;
+        }
         self.endpoint.wait_idle().await;
-        // The last handle to the committer goes with `shared`; the thread then drains and exits.
-        drop(self.shared);
-        let thread = self.commit_thread;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
+
+/// On the leader, periodically forgets idempotent producers idle for longer than `expiry_ms`.
+async fn expire_producers(
+    raft: Raft,
+    proposer: Proposer,
+    expiry_ms: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period = Duration::from_millis((expiry_ms / 10).clamp(1000, 600_000));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        if raft.metrics().borrow().state != ServerState::Leader {
+            continue;
+        }
+        let idle_before_ms = escrow_client::now_ms().saturating_sub(expiry_ms);
+        if let Err(e) = proposer
+            .propose(Command::ExpireProducers { idle_before_ms })
+            .await
+        {
+            tracing::debug!(error = %e, "producer expiry not applied");
+        }
     }
 }

@@ -1,12 +1,15 @@
 //! The only module that opens redb tables.
 //!
 //! Layout (all values start with a format version byte):
-//! - `meta`: `&str -> u64` — schema version, last commit index, next topic id.
+//! - `meta`: `&str -> u64` — schema version, last applied log index.
 //! - `topics`: topic name -> `TopicRecord`.
 //! - `segments`: `(topic id, queue, base offset)` -> a segment: `[version][count u32][stored_at u64][postcard Vec<Record>]`.
 //!   One segment holds the messages one commit appended to one queue.
 //! - `group_progress`: `(group, topic id, queue)` -> `QueueProgress`.
+//! - `producers`: producer id -> `ProducerState` (idempotent publishing).
+//! - `raft_meta`: `&str` -> bytes owned by the Raft adapter (last applied log id, membership).
 
+use crate::state::producers::ProducerState;
 use crate::state::progress::QueueProgress;
 use escrow_proto::{ErrorCode, ErrorResponse, Message, ProducerSequence};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -17,13 +20,15 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 const SEGMENTS: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("segments");
 const PROGRESS: TableDefinition<(&str, u32, u32), &[u8]> = TableDefinition::new("group_progress");
+const PRODUCERS: TableDefinition<u64, &[u8]> = TableDefinition::new("producers");
+const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 const SCHEMA_VERSION: u64 = 1;
 const VALUE_VERSION: u8 = 1;
 const SEGMENT_HEADER_LEN: usize = 1 + 4 + 8;
 
 const META_SCHEMA: &str = "schema_version";
-const META_COMMIT_INDEX: &str = "commit_index";
+const META_COMMIT_INDEX: &str = "applied_index";
 
 /// A storage failure: fatal for the write that hit it.
 #[derive(Debug, thiserror::Error)]
@@ -167,12 +172,25 @@ fn encode_segment(stored_at_ms: u64, records: &[Record]) -> Vec<u8> {
 /// Everything loaded at startup.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// Last commit index.
+    /// Last applied log index.
     pub commit_index: u64,
     /// `(name, record, next offset per queue)`.
     pub topics: Vec<(String, TopicRecord, Vec<u64>)>,
     /// `(group, topic id, queue, progress)`.
     pub progress: Vec<(String, u32, u32, QueueProgress)>,
+    /// Idempotent-producer state.
+    pub producers: Vec<(u64, ProducerState)>,
+}
+
+/// A whole state machine image, for Raft snapshots: every table's raw values.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Image {
+    meta: Vec<(String, u64)>,
+    topics: Vec<(String, Vec<u8>)>,
+    segments: Vec<((u32, u32, u64), Vec<u8>)>,
+    progress: Vec<((String, u32, u32), Vec<u8>)>,
+    producers: Vec<(u64, Vec<u8>)>,
+    raft_meta: Vec<(String, Vec<u8>)>,
 }
 
 /// The broker's redb database.
@@ -199,6 +217,8 @@ impl Store {
             txn.open_table(TOPICS)?;
             txn.open_table(SEGMENTS)?;
             txn.open_table(PROGRESS)?;
+            txn.open_table(PRODUCERS)?;
+            txn.open_table(RAFT_META)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -240,11 +260,102 @@ impl Store {
                 decode_value("group progress", value.value())?,
             ));
         }
+        let mut producers = Vec::new();
+        for entry in txn.open_table(PRODUCERS)?.iter()? {
+            let (id, value) = entry?;
+            producers.push((id.value(), decode_value("producer", value.value())?));
+        }
         Ok(Loaded {
             commit_index,
             topics,
             progress,
+            producers,
         })
+    }
+
+    /// A value the Raft adapter stored with [`Writer::put_raft_meta`].
+    pub fn raft_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RAFT_META)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every table, as one consistent image (a Raft snapshot).
+    pub fn export(&self) -> Result<Vec<u8>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut image = Image::default();
+        for e in txn.open_table(META)?.iter()? {
+            let (k, v) = e?;
+            image.meta.push((k.value().to_string(), v.value()));
+        }
+        for e in txn.open_table(TOPICS)?.iter()? {
+            let (k, v) = e?;
+            image
+                .topics
+                .push((k.value().to_string(), v.value().to_vec()));
+        }
+        for e in txn.open_table(SEGMENTS)?.iter()? {
+            let (k, v) = e?;
+            image.segments.push((k.value(), v.value().to_vec()));
+        }
+        for e in txn.open_table(PROGRESS)?.iter()? {
+            let (k, v) = e?;
+            let (g, t, q) = k.value();
+            image
+                .progress
+                .push(((g.to_string(), t, q), v.value().to_vec()));
+        }
+        for e in txn.open_table(PRODUCERS)?.iter()? {
+            let (k, v) = e?;
+            image.producers.push((k.value(), v.value().to_vec()));
+        }
+        for e in txn.open_table(RAFT_META)?.iter()? {
+            let (k, v) = e?;
+            image
+                .raft_meta
+                .push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(encode_value(&image))
+    }
+
+    /// Replaces every table with an image from [`Store::export`], durably.
+    pub fn import(&self, bytes: &[u8]) -> Result<(), StorageError> {
+        let image: Image = decode_value("snapshot image", bytes)?;
+        let txn = self.db.begin_write()?;
+        txn.delete_table(META)?;
+        txn.delete_table(TOPICS)?;
+        txn.delete_table(SEGMENTS)?;
+        txn.delete_table(PROGRESS)?;
+        txn.delete_table(PRODUCERS)?;
+        txn.delete_table(RAFT_META)?;
+        {
+            let mut t = txn.open_table(META)?;
+            for (k, v) in &image.meta {
+                t.insert(k.as_str(), *v)?;
+            }
+            let mut t = txn.open_table(TOPICS)?;
+            for (k, v) in &image.topics {
+                t.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut t = txn.open_table(SEGMENTS)?;
+            for (k, v) in &image.segments {
+                t.insert(*k, v.as_slice())?;
+            }
+            let mut t = txn.open_table(PROGRESS)?;
+            for ((g, topic, q), v) in &image.progress {
+                t.insert((g.as_str(), *topic, *q), v.as_slice())?;
+            }
+            let mut t = txn.open_table(PRODUCERS)?;
+            for (k, v) in &image.producers {
+                t.insert(*k, v.as_slice())?;
+            }
+            let mut t = txn.open_table(RAFT_META)?;
+            for (k, v) in &image.raft_meta {
+                t.insert(k.as_str(), v.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Starts a durable write (commit = one fsync).
@@ -342,11 +453,39 @@ impl Writer {
         Ok(())
     }
 
-    /// Records the commit index and commits durably (fsync).
-    pub fn commit(self, commit_index: u64) -> Result<(), StorageError> {
+    /// Stores a producer's state.
+    pub fn put_producer(&mut self, id: u64, state: &ProducerState) -> Result<(), StorageError> {
+        self.txn
+            .open_table(PRODUCERS)?
+            .insert(id, encode_value(state).as_slice())?;
+        Ok(())
+    }
+
+    /// Forgets a producer.
+    pub fn remove_producer(&mut self, id: u64) -> Result<(), StorageError> {
+        self.txn.open_table(PRODUCERS)?.remove(id)?;
+        Ok(())
+    }
+
+    /// Stores a value for the Raft adapter.
+    pub fn put_raft_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.txn.open_table(RAFT_META)?.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Records the last applied index and commits; `durable` waits for the fsync.
+    ///
+    /// Under Raft the log is the durable record, so applies may skip the fsync; the
+    /// state machine is made durable before any log it depends on is purged.
+    pub fn commit(mut self, applied_index: u64, durable: bool) -> Result<(), StorageError> {
         self.txn
             .open_table(META)?
-            .insert(META_COMMIT_INDEX, commit_index)?;
+            .insert(META_COMMIT_INDEX, applied_index)?;
+        if !durable {
+            self.txn
+                .set_durability(redb::Durability::None)
+                .map_err(|e| corrupt("durability", e))?;
+        }
         self.txn.commit()?;
         Ok(())
     }
@@ -380,7 +519,7 @@ mod tests {
             .unwrap();
             w.put_segment(1, 1, 0, 100, &records[..3]).unwrap();
             w.put_segment(1, 1, 3, 200, &records[3..]).unwrap();
-            w.commit(1).unwrap();
+            w.commit(1, true).unwrap();
         }
         let store = Store::open(&path).unwrap();
         let loaded = store.load().unwrap();

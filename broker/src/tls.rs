@@ -53,6 +53,7 @@ pub fn ensure_dev_tls(data_dir: &Path, names: &[String]) -> Result<DevTls, Clien
             "localhost".to_string(),
             "127.0.0.1".to_string(),
             "::1".to_string(),
+            crate::raft::network::PEER_SERVER_NAME.to_string(),
         ];
         sans.extend(names.iter().cloned());
         let mut params = CertificateParams::new(sans).map_err(tls_error)?;
@@ -106,4 +107,54 @@ pub fn server_config(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// QUIC configurations for node-to-node traffic: mutual TLS, both sides proving a
+/// certificate issued by the cluster CA in `ca`.
+pub fn peer_configs(
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), ClientError> {
+    let alpn = escrow_proto::ALPN_RAFT.to_vec();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(tls_error)?;
+    }
+    let roots = Arc::new(roots);
+    let certs = load_certs(cert)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(tls_error)?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), load_key(key)?)
+        .map_err(tls_error)?;
+    server.alpn_protocols = vec![alpn.clone()];
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, load_key(key)?)
+        .map_err(tls_error)?;
+    client.alpn_protocols = vec![alpn];
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(256u32.into());
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    transport.stream_receive_window((64u32 * 1024 * 1024).into());
+    transport.receive_window((256u32 * 1024 * 1024).into());
+    transport.send_window(256 * 1024 * 1024);
+    let transport = Arc::new(transport);
+    let quic_server =
+        quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_error)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+    server_config.transport_config(transport.clone());
+    let quic_client =
+        quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_error)?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
+    client_config.transport_config(transport);
+    Ok((server_config, client_config))
 }

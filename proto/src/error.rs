@@ -47,6 +47,9 @@ codes! {
     MESSAGE_TOO_LARGE = 111;
     /// A publish batch holds more messages than allowed.
     BATCH_TOO_LARGE = 112;
+    /// A producer retried a batch stored so long ago that its positions are forgotten;
+    /// it is stored (once), but where cannot be answered.
+    SEQUENCE_DUPLICATE = 113;
     /// The topic does not exist.
     UNKNOWN_TOPIC = 200;
     /// A topic with that name exists already.

@@ -47,15 +47,20 @@ impl TestNode {
             broker.shutdown().await;
         }
         let tls_dir = self.dir.path().join("tls");
-        let config = BrokerConfig::new(
+        let mut config = BrokerConfig::new(
+            "127.0.0.1:0".parse()?,
             "127.0.0.1:0".parse()?,
             self.dir.path().to_path_buf(),
             TlsFiles {
                 cert: tls_dir.join("node.pem"),
                 key: tls_dir.join("node.key"),
+                ca: self.ca.clone(),
             },
         );
-        self.broker = Some(Broker::start(config).await?);
+        config.bootstrap = true;
+        let broker = Broker::start(config).await?;
+        wait_for_leader(&broker).await?;
+        self.broker = Some(broker);
         Ok(())
     }
 
@@ -78,4 +83,22 @@ impl TestNode {
     pub fn client(&self) -> ClientConfig {
         ClientConfig::new(self.addr(), Trust::CaFile(self.ca.clone()))
     }
+}
+
+/// Waits until `broker` leads and has applied its own first entry (ready to serve).
+pub async fn wait_for_leader(broker: &Broker) -> anyhow::Result<()> {
+    let id = broker.node_id();
+    broker
+        .raft()
+        .wait(Some(std::time::Duration::from_secs(10)))
+        .metrics(
+            |m| {
+                m.current_leader == Some(id)
+                    && m.last_applied
+                        .is_some_and(|l| l.leader_id.term == m.current_term)
+            },
+            "leader ready",
+        )
+        .await?;
+    Ok(())
 }

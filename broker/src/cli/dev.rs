@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Args;
-use escrow_broker::config::{BrokerConfig, TlsFiles, DEFAULT_CLIENT_PORT};
+use escrow_broker::config::{BrokerConfig, TlsFiles, DEFAULT_CLIENT_PORT, DEFAULT_RAFT_PORT};
 use escrow_broker::{tls, Broker};
 use escrow_client::defaults::default_dev_dir;
 use std::io::Write;
@@ -15,20 +15,27 @@ pub(crate) struct DevArgs {
     /// Client listen address (QUIC over UDP).
     #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLIENT_PORT)))]
     listen: SocketAddr,
+    /// Raft listen address for peers (QUIC over UDP; port 0 picks a free one).
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_RAFT_PORT)))]
+    raft_listen: SocketAddr,
 }
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let default_dir = default_dev_dir();
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_dir.clone());
     let certs = tls::ensure_dev_tls(&data_dir, &[]).context("preparing dev TLS certificates")?;
-    let config = BrokerConfig::new(
+    let mut config = BrokerConfig::new(
         args.listen,
+        args.raft_listen,
         data_dir.clone(),
         TlsFiles {
             cert: certs.node_cert.clone(),
             key: certs.node_key.clone(),
+            ca: certs.ca_cert.clone(),
         },
     );
+    // A dev node is a one-voter Raft cluster of its own.
+    config.bootstrap = true;
     let broker = Broker::start(config).await.context("starting the broker")?;
     let addr = broker.local_addr();
     // The banner is best effort: a closed stdout must not stop the broker.

@@ -30,6 +30,7 @@ fn queue_count(shared: &Shared, topic: &str) -> Result<u32, ErrorResponse> {
 
 pub(super) async fn ack(shared: &Shared, ack: Ack) -> Reply {
     check(&ack.topic, &ack.group, ack.receipts.len())?;
+    shared.require_leader()?;
     let queues = queue_count(shared, &ack.topic)?;
     let key = (ack.group.clone(), ack.topic.clone());
     let now = now_ms();
@@ -52,7 +53,7 @@ pub(super) async fn ack(shared: &Shared, ack: Ack) -> Reply {
     }
     if !accepted.is_empty() {
         let committed = shared
-            .committer
+            .proposer
             .propose(Command::Ack {
                 topic: ack.topic,
                 group: ack.group,
@@ -90,6 +91,7 @@ fn change(
         )));
     }
     queue_count(shared, topic)?;
+    shared.require_leader()?;
     let now = now_ms();
     let mut leases = shared.leases();
     let mut group = leases.get_mut(&(group.to_string(), topic.to_string()));

@@ -3,7 +3,7 @@ use crate::broker::Shared;
 use crate::state::command::{Command, Output};
 use crate::state::unknown_topic;
 use escrow_proto::{
-    validate_name, Durability, ErrorCode, ErrorResponse, Message, Publish, Published, Response,
+    validate_name, ErrorCode, ErrorResponse, Message, Publish, Published, Response,
     MAX_BATCH_MESSAGES,
 };
 use std::sync::atomic::Ordering;
@@ -37,7 +37,7 @@ pub(super) async fn handle(shared: &Shared, publish: Publish) -> Reply {
         .map(|m| (route(&m, queues, spread), m))
         .collect();
     let committed = shared
-        .committer
+        .proposer
         .propose(Command::Append {
             topic: publish.topic,
             producer: publish.producer,
@@ -47,11 +47,7 @@ pub(super) async fn handle(shared: &Shared, publish: Publish) -> Reply {
     match committed.output {
         Output::Appended(positions) => Ok(Response::Published(Published {
             positions,
-            durability: Durability {
-                commit_index: committed.commit_index,
-                fsynced_replicas: 1,
-                voters: 1,
-            },
+            durability: committed.durability,
         })),
         Output::Rejected(e) => Err(e),
         other => Err(invalid(format!("unexpected output {other:?}"))),

@@ -27,6 +27,7 @@ pub(super) async fn handle(shared: &Shared, receive: Receive) -> Reply {
     if receive.wait_ms > MAX_WAIT_MS {
         return Err(invalid(format!("wait must be at most {MAX_WAIT_MS} ms")));
     }
+    shared.require_leader()?;
     let deadline = Instant::now() + Duration::from_millis(receive.wait_ms);
     let mut commits = shared.commits.clone();
     let key = (receive.group.clone(), receive.topic.clone());

@@ -7,7 +7,7 @@ use escrow_proto::{validate_name, CreateTopic, Response};
 pub(super) async fn create(shared: &Shared, create: CreateTopic) -> Reply {
     validate_name("topic", &create.topic)?;
     let committed = shared
-        .committer
+        .proposer
         .propose(Command::CreateTopic {
             name: create.topic,
             queues: create.queues,

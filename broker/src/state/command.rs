@@ -3,10 +3,10 @@
 use escrow_proto::{ErrorResponse, Message, Position, ProducerSequence, TopicInfo};
 use serde::{Deserialize, Serialize};
 
-/// A batch of commands committed together (one durable write) at one time.
+/// A batch of commands committed together (one log entry) at one time.
 ///
 /// The leader stamps `at_ms`, so applying the batch is deterministic everywhere.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     /// Leader's clock when the batch was formed (milliseconds since the Unix epoch).
     pub at_ms: u64,
@@ -33,6 +33,11 @@ pub enum Command {
         /// `(queue, message)` in request order.
         records: Vec<(u32, Message)>,
     },
+    /// Forget idempotent producers idle since before `idle_before_ms`.
+    ExpireProducers {
+        /// Producers last seen before this time are forgotten.
+        idle_before_ms: u64,
+    },
     /// Mark offsets acked for a consumer group.
     Ack {
         /// Topic name.
@@ -45,7 +50,7 @@ pub enum Command {
 }
 
 /// The result of applying one command.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
     /// A topic was created.
     TopicCreated(TopicInfo),
@@ -53,6 +58,8 @@ pub enum Output {
     Appended(Vec<Position>),
     /// This many offsets were newly acked.
     Acked(u32),
+    /// This many idle producers were forgotten.
+    Expired(u32),
     /// The command was refused and changed nothing (deterministically, on every node).
     Rejected(ErrorResponse),
 }

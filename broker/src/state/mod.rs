@@ -5,15 +5,21 @@
 //! node; it reads no clock (the batch carries its time) and no leader-local state.
 
 pub mod command;
+pub mod producers;
 pub mod progress;
 
+use crate::metrics::Metrics;
 use crate::storage::{Loaded, Record, StorageError, Store, TopicRecord, Writer};
 use command::{Batch, Command, Output};
 use escrow_proto::{
     ErrorCode, ErrorResponse, Position, ProducerSequence, QueueInfo, TopicInfo, MAX_QUEUES,
 };
+use producers::{ProducerState, Seen};
 use progress::QueueProgress;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
+use tokio::sync::watch;
 
 /// A topic's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,18 +49,21 @@ pub type GroupTopic = (String, String);
 /// The in-memory view of replicated state, readable by request handlers.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
-    /// Last applied commit index.
+    /// Last applied log index.
     pub commit_index: u64,
     /// Topics by name.
     pub topics: BTreeMap<String, TopicState>,
     /// Group progress per `(group, topic)`, one entry per queue.
     pub progress: HashMap<GroupTopic, Vec<QueueProgress>>,
+    /// Idempotent producers by id.
+    pub producers: HashMap<u64, ProducerState>,
 }
 
 impl Index {
     fn from_loaded(loaded: Loaded) -> Index {
         let mut index = Index {
             commit_index: loaded.commit_index,
+            producers: loaded.producers.into_iter().collect(),
             ..Index::default()
         };
         let mut names = HashMap::new();
@@ -90,67 +99,164 @@ impl Index {
     }
 }
 
-/// What a batch changed, so the shared view can be refreshed after the commit.
+/// What a transaction changed, so the shared view can be refreshed after the commit.
 #[derive(Debug, Default)]
-pub struct Touched {
-    /// Topics created or appended to.
-    pub topics: HashSet<String>,
-    /// Group progress changed.
-    pub progress: HashSet<GroupTopic>,
+struct Touched {
+    topics: HashSet<String>,
+    progress: HashSet<GroupTopic>,
+    producers: HashSet<u64>,
+    messages: u64,
+    bytes: u64,
+    commands: u64,
 }
 
-/// Owner of the durable state: the store and the authoritative index.
+/// Where applied state is published for request handlers.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// Read view.
+    pub view: Arc<RwLock<Index>>,
+    /// Bumped after every applied transaction, to wake long-polling receivers.
+    pub commits: watch::Sender<u64>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Published {
+    /// A fresh view holding `index`.
+    pub fn new(index: Index, metrics: Arc<Metrics>) -> Published {
+        Published {
+            view: Arc::new(RwLock::new(index)),
+            commits: watch::channel(0).0,
+            metrics,
+        }
+    }
+}
+
+/// Owner of the replicated state: the store and the authoritative index.
 #[derive(Debug)]
 pub struct StateMachine {
-    store: std::sync::Arc<Store>,
+    store: Arc<Store>,
     index: Index,
+    published: Option<Published>,
 }
 
 impl StateMachine {
     /// Loads the state machine from its store.
-    pub fn open(store: std::sync::Arc<Store>) -> Result<StateMachine, StorageError> {
+    pub fn open(store: Arc<Store>) -> Result<StateMachine, StorageError> {
         let index = Index::from_loaded(store.load()?);
-        Ok(StateMachine { store, index })
+        Ok(StateMachine {
+            store,
+            index,
+            published: None,
+        })
     }
 
-    /// The authoritative index (as of the last applied batch).
+    /// Publishes every later change to `published` (starting with the current state).
+    pub fn publish_to(&mut self, published: Published) {
+        *published.view.write().unwrap_or_else(|e| e.into_inner()) = self.index.clone();
+        self.published = Some(published);
+    }
+
+    /// The authoritative index (as of the last applied transaction).
     pub fn index(&self) -> &Index {
         &self.index
     }
 
-    /// Applies a batch in one durable write transaction.
-    ///
-    /// On a storage error the in-memory index may be ahead of disk: the caller must
-    /// stop applying (the error is fatal for this state machine).
-    pub fn apply(&mut self, batch: &Batch) -> Result<(Vec<Output>, Touched), StorageError> {
-        let mut writer = self.store.begin()?;
-        let mut touched = Touched::default();
-        let mut segments: BTreeMap<(u32, u32), (u64, Vec<Record>)> = BTreeMap::new();
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Starts applying log entries; everything goes into one write transaction.
+    pub fn begin(&mut self) -> Result<Applying<'_>, StorageError> {
+        Ok(Applying {
+            writer: self.store.begin()?,
+            machine: self,
+            touched: Touched::default(),
+            segments: BTreeMap::new(),
+        })
+    }
+
+    /// Replaces the whole state with a snapshot image and reloads the index.
+    pub fn install(&mut self, image: &[u8]) -> Result<(), StorageError> {
+        self.store.import(image)?;
+        self.index = Index::from_loaded(self.store.load()?);
+        if let Some(p) = &self.published {
+            *p.view.write().unwrap_or_else(|e| e.into_inner()) = self.index.clone();
+            p.commits.send_replace(self.index.commit_index);
+        }
+        Ok(())
+    }
+
+    /// Applies a batch in its own durable transaction at log index `index` (tests, tools).
+    pub fn apply(&mut self, index: u64, batch: &Batch) -> Result<Vec<Output>, StorageError> {
+        let mut applying = self.begin()?;
+        let outputs = applying.apply(batch)?;
+        applying.commit(index, true)?;
+        Ok(outputs)
+    }
+}
+
+/// One write transaction applying log entries in order.
+#[derive(Debug)]
+pub struct Applying<'a> {
+    machine: &'a mut StateMachine,
+    writer: Writer,
+    touched: Touched,
+    /// Per `(topic id, queue)`: base offset, commit time of the first batch, records.
+    segments: BTreeMap<(u32, u32), (u64, u64, Vec<Record>)>,
+}
+
+impl Applying<'_> {
+    /// Applies one batch; later batches in this transaction see its effects.
+    pub fn apply(&mut self, batch: &Batch) -> Result<Vec<Output>, StorageError> {
         let mut outputs = Vec::with_capacity(batch.commands.len());
         for command in &batch.commands {
+            self.touched.commands += 1;
             let output = match command {
                 Command::CreateTopic { name, queues } => {
-                    self.create_topic(&mut writer, batch.at_ms, name, *queues, &mut touched)?
+                    self.create_topic(batch.at_ms, name, *queues)?
                 }
                 Command::Append {
                     topic,
                     producer,
                     records,
-                } => self.append(topic, *producer, records, &mut segments, &mut touched),
+                } => self.append(batch.at_ms, topic, *producer, records),
                 Command::Ack {
                     topic,
                     group,
                     offsets,
-                } => self.ack(topic, group, offsets, &mut touched),
+                } => self.ack(topic, group, offsets),
+                Command::ExpireProducers { idle_before_ms } => {
+                    self.expire_producers(*idle_before_ms)?
+                }
             };
             outputs.push(output);
         }
-        for ((topic_id, queue), (base, records)) in &segments {
-            writer.put_segment(*topic_id, *queue, *base, batch.at_ms, records)?;
+        Ok(outputs)
+    }
+
+    /// Stores a value for the Raft adapter in this transaction.
+    pub fn put_raft_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.writer.put_raft_meta(key, value)
+    }
+
+    /// Writes everything, commits (fsync when `durable`) and publishes the changes.
+    ///
+    /// On error the in-memory index may be ahead of disk: the caller must stop applying.
+    pub fn commit(self, applied_index: u64, durable: bool) -> Result<(), StorageError> {
+        let Applying {
+            machine,
+            mut writer,
+            touched,
+            segments,
+        } = self;
+        let index = &mut machine.index;
+        for ((topic_id, queue), (base, at_ms, records)) in &segments {
+            writer.put_segment(*topic_id, *queue, *base, *at_ms, records)?;
         }
         for key in &touched.progress {
-            let (Some(topic), Some(progress)) =
-                (self.index.topics.get(&key.1), self.index.progress.get(key))
+            let (Some(topic), Some(progress)) = (index.topics.get(&key.1), index.progress.get(key))
             else {
                 continue;
             };
@@ -158,20 +264,50 @@ impl StateMachine {
                 writer.put_progress(&key.0, topic.id, queue as u32, p)?;
             }
         }
-        self.index.commit_index += 1;
-        writer.commit(self.index.commit_index)?;
-        Ok((outputs, touched))
+        for id in &touched.producers {
+            match index.producers.get(id) {
+                Some(state) => writer.put_producer(*id, state)?,
+                None => writer.remove_producer(*id)?,
+            }
+        }
+        index.commit_index = index.commit_index.max(applied_index);
+        writer.commit(index.commit_index, durable)?;
+        let Some(published) = &machine.published else {
+            return Ok(());
+        };
+        {
+            let mut view = published.view.write().unwrap_or_else(|e| e.into_inner());
+            view.commit_index = index.commit_index;
+            for name in &touched.topics {
+                if let Some(t) = index.topics.get(name) {
+                    view.topics.insert(name.clone(), t.clone());
+                }
+            }
+            for key in &touched.progress {
+                if let Some(p) = index.progress.get(key) {
+                    view.progress.insert(key.clone(), p.clone());
+                }
+            }
+        }
+        let m = &published.metrics;
+        if durable {
+            m.fsyncs.fetch_add(1, Relaxed);
+        }
+        m.commands_applied.fetch_add(touched.commands, Relaxed);
+        m.messages_appended.fetch_add(touched.messages, Relaxed);
+        m.bytes_appended.fetch_add(touched.bytes, Relaxed);
+        published.commits.send_replace(index.commit_index);
+        Ok(())
     }
 
     fn create_topic(
         &mut self,
-        writer: &mut Writer,
         at_ms: u64,
         name: &str,
         queues: u32,
-        touched: &mut Touched,
     ) -> Result<Output, StorageError> {
-        if self.index.topics.contains_key(name) {
+        let index = &mut self.machine.index;
+        if index.topics.contains_key(name) {
             return Ok(Output::Rejected(ErrorResponse::new(
                 ErrorCode::TOPIC_EXISTS,
                 format!("topic {name:?} exists"),
@@ -183,13 +319,13 @@ impl StateMachine {
                 format!("queues must be 1..={MAX_QUEUES}"),
             )));
         }
-        let id = self.index.topics.values().map(|t| t.id).max().unwrap_or(0) + 1;
+        let id = index.topics.values().map(|t| t.id).max().unwrap_or(0) + 1;
         let record = TopicRecord {
             id,
             queues,
             created_at_ms: at_ms,
         };
-        writer.put_topic(name, &record)?;
+        self.writer.put_topic(name, &record)?;
         let state = TopicState {
             id,
             created_at_ms: at_ms,
@@ -202,20 +338,20 @@ impl StateMachine {
             ],
         };
         let info = state.info(name);
-        self.index.topics.insert(name.to_string(), state);
-        touched.topics.insert(name.to_string());
+        index.topics.insert(name.to_string(), state);
+        self.touched.topics.insert(name.to_string());
         Ok(Output::TopicCreated(info))
     }
 
     fn append(
         &mut self,
+        at_ms: u64,
         topic: &str,
         producer: Option<ProducerSequence>,
         records: &[(u32, escrow_proto::Message)],
-        segments: &mut BTreeMap<(u32, u32), (u64, Vec<Record>)>,
-        touched: &mut Touched,
     ) -> Output {
-        let Some(state) = self.index.topics.get_mut(topic) else {
+        let index = &mut self.machine.index;
+        let Some(state) = index.topics.get_mut(topic) else {
             return Output::Rejected(unknown_topic(topic));
         };
         if let Some((queue, _)) = records
@@ -227,14 +363,34 @@ impl StateMachine {
                 format!("queue {queue} out of range for topic {topic:?}"),
             ));
         }
+        if let Some(p) = producer {
+            match index
+                .producers
+                .get(&p.producer_id)
+                .map(|s| s.lookup(p.first_sequence))
+            {
+                Some(Seen::Duplicate(positions)) => return Output::Appended(positions),
+                Some(Seen::Forgotten) => {
+                    return Output::Rejected(ErrorResponse::new(
+                        ErrorCode::SEQUENCE_DUPLICATE,
+                        format!(
+                            "producer {:016x} sequence {} is stored already; its positions are no longer remembered",
+                            p.producer_id, p.first_sequence
+                        ),
+                    ))
+                }
+                Some(Seen::New) | None => {}
+            }
+        }
         let mut positions = Vec::with_capacity(records.len());
         for (i, (queue, message)) in records.iter().enumerate() {
             let q = &mut state.queues[*queue as usize];
             let offset = q.next_offset;
             q.next_offset += 1;
-            let (_, segment) = segments
+            let (_, _, segment) = self
+                .segments
                 .entry((state.id, *queue))
-                .or_insert_with(|| (offset, Vec::new()));
+                .or_insert_with(|| (offset, at_ms, Vec::new()));
             segment.push(Record {
                 message: message.clone(),
                 producer: producer.map(|p| ProducerSequence {
@@ -242,28 +398,32 @@ impl StateMachine {
                     first_sequence: p.first_sequence + i as u64,
                 }),
             });
+            self.touched.bytes += message.body.len() as u64;
             positions.push(Position {
                 queue: *queue,
                 offset,
             });
         }
-        touched.topics.insert(topic.to_string());
+        self.touched.messages += records.len() as u64;
+        if let Some(p) = producer {
+            index.producers.entry(p.producer_id).or_default().record(
+                p.first_sequence,
+                positions.clone(),
+                at_ms,
+            );
+            self.touched.producers.insert(p.producer_id);
+        }
+        self.touched.topics.insert(topic.to_string());
         Output::Appended(positions)
     }
 
-    fn ack(
-        &mut self,
-        topic: &str,
-        group: &str,
-        offsets: &[(u32, u64)],
-        touched: &mut Touched,
-    ) -> Output {
-        let Some(state) = self.index.topics.get(topic) else {
+    fn ack(&mut self, topic: &str, group: &str, offsets: &[(u32, u64)]) -> Output {
+        let index = &mut self.machine.index;
+        let Some(state) = index.topics.get(topic) else {
             return Output::Rejected(unknown_topic(topic));
         };
         let key = (group.to_string(), topic.to_string());
-        let progress = self
-            .index
+        let progress = index
             .progress
             .entry(key.clone())
             .or_insert_with(|| vec![QueueProgress::default(); state.queues.len()]);
@@ -281,9 +441,24 @@ impl StateMachine {
             }
         }
         if applied > 0 {
-            touched.progress.insert(key);
+            self.touched.progress.insert(key);
         }
         Output::Acked(applied)
+    }
+
+    fn expire_producers(&mut self, idle_before_ms: u64) -> Result<Output, StorageError> {
+        let index = &mut self.machine.index;
+        let idle: Vec<u64> = index
+            .producers
+            .iter()
+            .filter(|(_, s)| s.last_seen_ms < idle_before_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &idle {
+            index.producers.remove(id);
+            self.touched.producers.insert(*id);
+        }
+        Ok(Output::Expired(idle.len() as u32))
     }
 }
 
@@ -303,6 +478,94 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> StateMachine {
         StateMachine::open(Arc::new(Store::open(&dir.join("s.redb")).unwrap())).unwrap()
+    }
+
+    fn publish(topic: &str, producer_id: u64, first_sequence: u64, n: usize) -> Command {
+        Command::Append {
+            topic: topic.into(),
+            producer: Some(ProducerSequence {
+                producer_id,
+                first_sequence,
+            }),
+            records: (0..n)
+                .map(|i| (0, Message::new(format!("p{i}"), vec![1])))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn producer_retries_are_stored_once_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let create = Batch {
+            at_ms: 1,
+            commands: vec![Command::CreateTopic {
+                name: "t".into(),
+                queues: 1,
+            }],
+        };
+        sm.apply(1, &create).unwrap();
+        let first = sm
+            .apply(
+                2,
+                &Batch {
+                    at_ms: 2,
+                    commands: vec![publish("t", 7, 0, 3)],
+                },
+            )
+            .unwrap();
+        let retry = sm
+            .apply(
+                3,
+                &Batch {
+                    at_ms: 3,
+                    commands: vec![publish("t", 7, 0, 3)],
+                },
+            )
+            .unwrap();
+        assert_eq!(first, retry, "a retry answers with the original positions");
+        assert_eq!(sm.index().topics["t"].queues[0].next_offset, 3);
+        drop(sm);
+        let mut sm = open(dir.path());
+        let again = sm
+            .apply(
+                4,
+                &Batch {
+                    at_ms: 4,
+                    commands: vec![publish("t", 7, 0, 3)],
+                },
+            )
+            .unwrap();
+        assert_eq!(again, first, "dedup state is durable");
+        let next = sm
+            .apply(
+                5,
+                &Batch {
+                    at_ms: 5,
+                    commands: vec![publish("t", 7, 3, 1)],
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            next,
+            vec![Output::Appended(vec![Position {
+                queue: 0,
+                offset: 3
+            }])]
+        );
+        let expired = sm
+            .apply(
+                6,
+                &Batch {
+                    at_ms: 6,
+                    commands: vec![Command::ExpireProducers {
+                        idle_before_ms: 100,
+                    }],
+                },
+            )
+            .unwrap();
+        assert_eq!(expired, vec![Output::Expired(1)]);
+        assert!(sm.index().producers.is_empty());
     }
 
     fn append(topic: &str, queue: u32, n: usize) -> Command {
@@ -340,7 +603,7 @@ mod tests {
             ],
         };
         let mut sm = open(dir.path());
-        let (outputs, _) = sm.apply(&batch).unwrap();
+        let outputs = sm.apply(1, &batch).unwrap();
         assert!(matches!(outputs[0], Output::TopicCreated(_)));
         assert_eq!(
             outputs[2],
@@ -361,7 +624,7 @@ mod tests {
 
         let other = tempfile::tempdir().unwrap();
         let mut twin = open(other.path());
-        let (twin_outputs, _) = twin.apply(&batch).unwrap();
+        let twin_outputs = twin.apply(1, &batch).unwrap();
         assert_eq!(outputs, twin_outputs);
 
         drop(sm);

@@ -1,0 +1,171 @@
+//! Group commit through Raft: concurrent proposals share one log entry.
+//!
+//! Request handlers [`Proposer::propose`] commands; one task takes whatever queued up
+//! while earlier entries were being replicated, stamps it as one [`Batch`] and hands it
+//! to Raft. The answer comes back once the entry is committed (fsynced on a majority)
+//! and applied by the state machine, so nobody sees a change before it is durable.
+
+use crate::raft::{NodeAddr, Raft, TypeConfig};
+use crate::state::command::{Batch, Command, Output};
+use escrow_proto::{Durability, ErrorCode, ErrorResponse};
+use openraft::error::ClientWriteError;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Most commands in one entry.
+const MAX_BATCH_COMMANDS: usize = 4096;
+/// Most message body bytes in one entry.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Proposals that may wait before publishers are pushed back.
+const QUEUE_DEPTH: usize = 16 * 1024;
+/// Entries handed to Raft and not yet committed; more proposals wait and batch up.
+const MAX_ENTRIES_IN_FLIGHT: usize = 16;
+
+/// A command's durable outcome.
+#[derive(Debug)]
+pub struct Committed {
+    /// What applying it produced.
+    pub output: Output,
+    /// What made it durable.
+    pub durability: Durability,
+}
+
+struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<Result<Committed, ErrorResponse>>,
+}
+
+/// Submits commands to Raft.
+#[derive(Clone, Debug)]
+pub struct Proposer {
+    tx: mpsc::Sender<Proposal>,
+}
+
+impl Proposer {
+    /// Starts the batching task on the current runtime.
+    pub fn start(raft: Raft) -> Proposer {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(run(raft, rx));
+        Proposer { tx }
+    }
+
+    /// Proposes a command and waits until it is committed and applied (or refused).
+    pub async fn propose(&self, command: Command) -> Result<Committed, ErrorResponse> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Proposal { command, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> ErrorResponse {
+    ErrorResponse::new(ErrorCode::SHUTTING_DOWN, "the node is shutting down")
+}
+
+fn body_bytes(command: &Command) -> usize {
+    match command {
+        Command::Append { records, .. } => records.iter().map(|(_, m)| m.body.len()).sum(),
+        _ => 0,
+    }
+}
+
+/// The error for a write refused because this node does not lead.
+pub fn not_leader(leader: Option<&NodeAddr>) -> ErrorResponse {
+    let mut e = ErrorResponse::new(
+        ErrorCode::NOT_LEADER,
+        match leader {
+            Some(_) => "this node is not the leader",
+            None => "no leader is known yet; retry shortly",
+        },
+    );
+    e.leader = leader.map(|n| n.client_addr.clone());
+    e
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+    let in_flight = Arc::new(Semaphore::new(MAX_ENTRIES_IN_FLIGHT));
+    let mut last_at = 0;
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = body_bytes(&first.command);
+        let mut proposals = vec![first];
+        while proposals.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += body_bytes(&p.command);
+                    proposals.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        // The leader's clock never runs backwards within the log.
+        last_at = escrow_client::now_ms().max(last_at);
+        let (commands, replies): (Vec<_>, Vec<_>) =
+            proposals.into_iter().map(|p| (p.command, p.reply)).unzip();
+        let batch = Batch {
+            at_ms: last_at,
+            commands,
+        };
+        match raft.client_write_ff(batch).await {
+            Ok(receiver) => {
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let result = receiver.await;
+                    deliver(&raft, replies, result);
+                });
+            }
+            Err(fatal) => {
+                let e = ErrorResponse::new(ErrorCode::SHUTTING_DOWN, fatal.to_string());
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+type WriteResult = Result<
+    Result<openraft::raft::ClientWriteResponse<TypeConfig>, ClientWriteError<u64, NodeAddr>>,
+    tokio::sync::oneshot::error::RecvError,
+>;
+
+fn deliver(
+    raft: &Raft,
+    replies: Vec<oneshot::Sender<Result<Committed, ErrorResponse>>>,
+    result: WriteResult,
+) {
+    let outcome = match result {
+        Ok(Ok(response)) => {
+            let voters = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .count() as u32;
+            let durability = Durability {
+                commit_index: response.log_id.index,
+                fsynced_replicas: voters / 2 + 1,
+                voters,
+            };
+            for (reply, output) in replies.into_iter().zip(response.data) {
+                let _ = reply.send(Ok(Committed { output, durability }));
+            }
+            return;
+        }
+        Ok(Err(ClientWriteError::ForwardToLeader(f))) => not_leader(f.leader_node.as_ref()),
+        Ok(Err(e)) => ErrorResponse::new(ErrorCode::INTERNAL, e.to_string()),
+        Err(_) => ErrorResponse::new(
+            ErrorCode::NOT_LEADER,
+            "leadership changed before the entry committed; it may or may not be stored (retry: publishes are idempotent)",
+        ),
+    };
+    for reply in replies {
+        let _ = reply.send(Err(outcome.clone()));
+    }
+}

@@ -1,0 +1,247 @@
+//! The openraft state machine over [`crate::state::StateMachine`], with snapshots.
+//!
+//! Applies run without an fsync of their own (the log is the durable record); the
+//! state is made durable at least once a second and always before a snapshot is
+//! handed out, because openraft purges the log behind snapshots.
+
+use super::{io_error, Entry, LogId, StorageError, StoredMembership, TypeConfig};
+use crate::state::command::Output;
+use crate::state::StateMachine;
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const LAST_APPLIED: &str = "last_applied";
+const MEMBERSHIP: &str = "membership";
+/// Longest time applied state may stay only in redb's memory before an fsync.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Inner {
+    machine: StateMachine,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    snapshot: Option<(SnapshotMeta<u64, super::NodeAddr>, Vec<u8>)>,
+    last_durable: Instant,
+    snapshots_built: u64,
+}
+
+/// The state machine store; clones share it.
+#[derive(Clone, Debug)]
+pub struct StateMachineStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Failure(String);
+
+fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    io_error(ErrorSubject::StateMachine, verb, &Failure(e.to_string()))
+}
+
+fn snap_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    io_error(ErrorSubject::Snapshot(None), verb, &Failure(e.to_string()))
+}
+
+impl StateMachineStore {
+    /// Wraps a state machine, reading the Raft metadata it stored.
+    pub fn new(machine: StateMachine) -> Result<StateMachineStore, StorageError> {
+        let read = |key: &str| {
+            machine
+                .store()
+                .raft_meta(key)
+                .map_err(|e| sm_err(ErrorVerb::Read, e))
+        };
+        let last_applied = match read(LAST_APPLIED)? {
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => None,
+        };
+        let membership = match read(MEMBERSHIP)? {
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| sm_err(ErrorVerb::Read, e))?,
+            None => StoredMembership::default(),
+        };
+        Ok(StateMachineStore {
+            inner: Arc::new(Mutex::new(Inner {
+                machine,
+                last_applied,
+                membership,
+                snapshot: None,
+                last_durable: Instant::now(),
+                snapshots_built: 0,
+            })),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the state machine under its lock, off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = inner.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| sm_err(ErrorVerb::Write, e))?
+    }
+}
+
+impl Inner {
+    /// Commits an empty transaction durably, persisting every earlier apply.
+    fn make_durable(&mut self) -> Result<(), StorageError> {
+        let index = self.last_applied.map_or(0, |l| l.index);
+        self.machine
+            .begin()
+            .and_then(|tx| tx.commit(index, true))
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.last_durable = Instant::now();
+        Ok(())
+    }
+
+    fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        self.make_durable()?;
+        let data = self
+            .machine
+            .store()
+            .export()
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        self.snapshots_built += 1;
+        let snapshot_id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.snapshots_built),
+            None => format!("empty-{}", self.snapshots_built),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        self.snapshot = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        self.blocking(|inner| inner.build_snapshot()).await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let inner = self.lock();
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Output>>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.blocking(move |inner| {
+            let Inner {
+                machine,
+                last_applied,
+                membership,
+                last_durable,
+                ..
+            } = inner;
+            let mut tx = machine.begin().map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            let mut replies = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                *last_applied = Some(entry.log_id);
+                match &entry.payload {
+                    EntryPayload::Blank => replies.push(Vec::new()),
+                    EntryPayload::Normal(batch) => replies.push(tx.apply(batch).map_err(|e| {
+                        io_error(
+                            ErrorSubject::Apply(entry.log_id),
+                            ErrorVerb::Write,
+                            &Failure(e.to_string()),
+                        )
+                    })?),
+                    EntryPayload::Membership(m) => {
+                        *membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        replies.push(Vec::new());
+                    }
+                }
+            }
+            let applied_bytes =
+                postcard::to_allocvec(&*last_applied).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            let membership_bytes =
+                postcard::to_allocvec(&*membership).map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            tx.put_raft_meta(LAST_APPLIED, &applied_bytes)
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            tx.put_raft_meta(MEMBERSHIP, &membership_bytes)
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            let durable = last_durable.elapsed() >= DURABLE_EVERY;
+            tx.commit(last_applied.map_or(0, |l| l.index), durable)
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            if durable {
+                *last_durable = Instant::now();
+            }
+            Ok(replies)
+        })
+        .await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, super::NodeAddr>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let meta = meta.clone();
+        let data = snapshot.into_inner();
+        self.blocking(move |inner| {
+            inner
+                .machine
+                .install(&data)
+                .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership.clone();
+            inner.last_durable = Instant::now();
+            inner.snapshot = Some((meta, data));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        // The state machine is itself persistent: its current state is always a valid snapshot.
+        self.blocking(|inner| {
+            if let Some((meta, data)) = &inner.snapshot {
+                if meta.last_log_id == inner.last_applied {
+                    return Ok(Some(Snapshot {
+                        meta: meta.clone(),
+                        snapshot: Box::new(Cursor::new(data.clone())),
+                    }));
+                }
+            }
+            if inner.last_applied.is_none() {
+                return Ok(None);
+            }
+            inner.build_snapshot().map(Some)
+        })
+        .await
+    }
+}
