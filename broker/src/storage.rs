@@ -280,9 +280,14 @@ impl Store {
         Ok(table.get(key)?.map(|v| v.value().to_vec()))
     }
 
-    /// Every table, as one consistent image (a Raft snapshot).
-    pub fn export(&self) -> Result<Vec<u8>, StorageError> {
-        let txn = self.db.begin_read()?;
+    /// A point-in-time view for [`Store::export`]; later writes do not change it.
+    pub fn freeze(&self) -> Result<Frozen, StorageError> {
+        Ok(Frozen(self.db.begin_read()?))
+    }
+
+    /// Every table of a frozen view, as one consistent image (a Raft snapshot).
+    pub fn export(&self, frozen: Frozen) -> Result<Vec<u8>, StorageError> {
+        let txn = frozen.0;
         let mut image = Image::default();
         for e in txn.open_table(META)?.iter()? {
             let (k, v) = e?;
@@ -400,6 +405,15 @@ impl Store {
             out.push((offset, segment.stored_at_ms, record));
         }
         Ok(out)
+    }
+}
+
+/// A point-in-time read view of the whole store.
+pub struct Frozen(redb::ReadTransaction);
+
+impl std::fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Frozen")
     }
 }
 

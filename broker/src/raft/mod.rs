@@ -84,7 +84,7 @@ impl Default for RaftTuning {
             election_min_ms: 500,
             election_max_ms: 1000,
             max_payload_entries: 64,
-            snapshot_after_entries: 5000,
+            snapshot_after_entries: 50_000,
             keep_after_snapshot: 1000,
         }
     }

@@ -106,24 +106,56 @@ impl Inner {
         Ok(())
     }
 
-    fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    /// Makes the state durable and freezes a view of it with its metadata (under the lock).
+    fn freeze(&mut self) -> Result<FrozenSnapshot, StorageError> {
         self.make_durable()?;
-        let data = self
+        let view = self
             .machine
             .store()
-            .export()
+            .freeze()
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.snapshots_built += 1;
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.snapshots_built),
             None => format!("empty-{}", self.snapshots_built),
         };
-        let meta = SnapshotMeta {
-            last_log_id: self.last_applied,
-            last_membership: self.membership.clone(),
-            snapshot_id,
-        };
-        self.snapshot = Some((meta.clone(), data.clone()));
+        Ok(FrozenSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: self.last_applied,
+                last_membership: self.membership.clone(),
+                snapshot_id,
+            },
+            view,
+            store: self.machine.store().clone(),
+        })
+    }
+}
+
+/// A frozen state-machine view and the snapshot metadata that describes it.
+struct FrozenSnapshot {
+    meta: SnapshotMeta<u64, super::NodeAddr>,
+    view: crate::storage::Frozen,
+    store: Arc<crate::storage::Store>,
+}
+
+impl StateMachineStore {
+    /// Builds a snapshot: freezes under the lock, serializes without holding it, so
+    /// applies continue while a large state is exported.
+    async fn snapshot(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let frozen = self.blocking(|inner| inner.freeze()).await?;
+        let FrozenSnapshot { meta, view, store } = frozen;
+        let data = tokio::task::spawn_blocking(move || store.export(view))
+            .await
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let mut inner = self.lock();
+        let newer = inner
+            .snapshot
+            .as_ref()
+            .is_some_and(|(m, _)| m.last_log_id > meta.last_log_id);
+        if !newer {
+            inner.snapshot = Some((meta.clone(), data.clone()));
+        }
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -133,7 +165,7 @@ impl Inner {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        self.blocking(|inner| inner.build_snapshot()).await
+        self.snapshot().await
     }
 }
 
@@ -228,20 +260,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         // The state machine is itself persistent: its current state is always a valid snapshot.
-        self.blocking(|inner| {
+        {
+            let inner = self.lock();
             if let Some((meta, data)) = &inner.snapshot {
-                if meta.last_log_id == inner.last_applied {
-                    return Ok(Some(Snapshot {
-                        meta: meta.clone(),
-                        snapshot: Box::new(Cursor::new(data.clone())),
-                    }));
-                }
+                return Ok(Some(Snapshot {
+                    meta: meta.clone(),
+                    snapshot: Box::new(Cursor::new(data.clone())),
+                }));
             }
             if inner.last_applied.is_none() {
                 return Ok(None);
             }
-            inner.build_snapshot().map(Some)
-        })
-        .await
+        }
+        self.snapshot().await.map(Some)
     }
 }
