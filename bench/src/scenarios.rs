@@ -3,7 +3,7 @@
 use crate::report::{histogram, progress, Latency, Report, Totals};
 use anyhow::Context;
 use clap::Args;
-use escrow_client::{unexpected, ClientConfig, Connection};
+use escrow_client::{unexpected, Client, ClientConfig};
 use escrow_consumer::Consumer;
 use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{CreateTopic, ErrorCode, Message, Request, Response};
@@ -55,14 +55,14 @@ pub(crate) struct DrainArgs {
     batch: u32,
 }
 
-async fn broker_fsyncs(conn: &Connection) -> anyhow::Result<u64> {
+async fn broker_fsyncs(conn: &Client) -> anyhow::Result<u64> {
     match conn.request(&Request::Stats).await? {
         Response::Stats(s) => Ok(s.fsyncs),
         other => Err(unexpected("stats", &other).into()),
     }
 }
 
-async fn ensure_topic(conn: &Connection, topic: &str, queues: u32) -> anyhow::Result<()> {
+async fn ensure_topic(conn: &Client, topic: &str, queues: u32) -> anyhow::Result<()> {
     let create = Request::CreateTopic(CreateTopic {
         topic: topic.to_string(),
         queues,
@@ -75,7 +75,7 @@ async fn ensure_topic(conn: &Connection, topic: &str, queues: u32) -> anyhow::Re
 }
 
 pub(crate) async fn publish(client: &ClientConfig, args: PublishArgs) -> anyhow::Result<Report> {
-    let admin = Connection::connect(client)
+    let admin = Client::connect(client.clone())
         .await
         .with_context(|| format!("connecting to {}", client.server))?;
     ensure_topic(&admin, &args.topic, args.queues).await?;
@@ -180,7 +180,7 @@ async fn run_publishers(
 }
 
 pub(crate) async fn drain(client: &ClientConfig, args: DrainArgs) -> anyhow::Result<Report> {
-    let admin = Connection::connect(client)
+    let admin = Client::connect(client.clone())
         .await
         .with_context(|| format!("connecting to {}", client.server))?;
     let fsyncs_before = broker_fsyncs(&admin).await?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 /// Where and how to connect.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `host:port` of a broker node.
+    /// `host:port` of a broker node; for a [`crate::Client`], a comma-separated list of seeds.
     pub server: String,
     /// How to trust its certificate.
     pub trust: Trust,
@@ -25,6 +25,8 @@ pub struct ClientConfig {
     pub token: Option<String>,
     /// Bound on each request (a receive's long-poll wait is added to it).
     pub request_timeout: Duration,
+    /// How long a [`crate::Client`] keeps retrying through leader changes and failures.
+    pub failover_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -36,7 +38,8 @@ impl ClientConfig {
             server_name: None,
             client_name: "escrow-client".into(),
             token: None,
-            request_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            failover_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -15,12 +15,14 @@
 //! # Ok(()) }
 //! ```
 
+mod client;
 mod connection;
 pub mod defaults;
 mod error;
 pub mod tls;
 pub mod wire;
 
+pub use client::Client;
 pub use connection::{transport_config, unexpected, ClientConfig, Connection};
 pub use error::ClientError;
 pub use tls::Trust;

@@ -22,7 +22,7 @@
 //! # Ok(()) }
 //! ```
 
-use escrow_client::{unexpected, ClientConfig, ClientError, Connection};
+use escrow_client::{unexpected, Client, ClientConfig, ClientError};
 use escrow_proto::{
     Ack, AckResult, ChangeInvisibility, Delivery, Nack, ReceiptHandle, Receive, Request, Response,
     MAX_WAIT_MS,
@@ -35,7 +35,7 @@ pub use escrow_client::ClientError as ConsumerError;
 /// A consumer of one topic in one consumer group.
 #[derive(Clone, Debug)]
 pub struct Consumer {
-    conn: Connection,
+    client: Client,
     group: String,
     topic: String,
 }
@@ -52,16 +52,16 @@ impl Consumer {
         topic: impl Into<String>,
     ) -> Result<Consumer, ClientError> {
         Ok(Consumer::on(
-            Connection::connect(client).await?,
+            Client::connect(client.clone()).await?,
             group,
             topic,
         ))
     }
 
-    /// A consumer on an existing connection.
-    pub fn on(conn: Connection, group: impl Into<String>, topic: impl Into<String>) -> Consumer {
+    /// A consumer sharing an existing client.
+    pub fn on(client: Client, group: impl Into<String>, topic: impl Into<String>) -> Consumer {
         Consumer {
-            conn,
+            client,
             group: group.into(),
             topic: topic.into(),
         }
@@ -82,7 +82,7 @@ impl Consumer {
             invisible_for_ms: millis(invisible_for),
             wait_ms: millis(wait).min(MAX_WAIT_MS),
         });
-        match self.conn.request(&request).await? {
+        match self.client.request(&request).await? {
             Response::Messages(m) => Ok(m),
             other => Err(unexpected("receive", &other)),
         }
@@ -95,7 +95,7 @@ impl Consumer {
             group: self.group.clone(),
             receipts: receipts.to_vec(),
         });
-        match self.conn.request(&request).await? {
+        match self.client.request(&request).await? {
             Response::Acked(r) => Ok(r),
             other => Err(unexpected("ack", &other)),
         }
@@ -113,7 +113,7 @@ impl Consumer {
             receipts: receipts.to_vec(),
             delay_ms: millis(delay),
         });
-        match self.conn.request(&request).await? {
+        match self.client.request(&request).await? {
             Response::Nacked(r) => Ok(r),
             other => Err(unexpected("nack", &other)),
         }
@@ -131,7 +131,7 @@ impl Consumer {
             receipt,
             invisible_for_ms: millis(invisible_for),
         });
-        match self.conn.request(&request).await? {
+        match self.client.request(&request).await? {
             Response::InvisibilityChanged => Ok(()),
             other => Err(unexpected("change_invisibility", &other)),
         }

@@ -1,6 +1,9 @@
 //! Escrow producer: publish one message, a batch, or many pipelined, durably.
 //!
-//! Every acknowledged send is durable (committed and fsynced, see
+//! Sends go to the cluster's leader and follow it through failovers; a retried batch
+//! carries the same producer id and sequence, so the broker stores it once (G5).
+//!
+//! Every acknowledged send is durable (committed and fsynced on a majority, see
 //! [`escrow_proto::Durability`]). Up to `window` sends may be unacknowledged at once;
 //! sends that queue up while earlier requests are in flight travel together as one
 //! batch (one request, one commit), as Kafka's record batches do with `linger.ms = 0`.
@@ -28,7 +31,7 @@
 //! # Ok(()) }
 //! ```
 
-use escrow_client::{unexpected, ClientConfig, ClientError, Connection};
+use escrow_client::{unexpected, Client, ClientConfig, ClientError};
 use escrow_proto::{
     Durability, ErrorCode, ErrorResponse, Message, Position, ProducerSequence, Publish, Request,
     Response, MAX_BATCH_MESSAGES,
@@ -125,7 +128,7 @@ pub struct Producer {
 
 #[derive(Debug)]
 struct Shared {
-    conn: Connection,
+    client: Client,
     window: Arc<Semaphore>,
     requests: Arc<Semaphore>,
     producer_id: u64,
@@ -161,9 +164,9 @@ fn closed() -> ProducerError {
 impl Producer {
     /// Connects to a broker.
     pub async fn connect(config: ProducerConfig) -> Result<Producer, ProducerError> {
-        let conn = Connection::connect(&config.client).await?;
+        let client = Client::connect(config.client).await?;
         let shared = Arc::new(Shared {
-            conn,
+            client,
             window: Arc::new(Semaphore::new(config.window.max(1))),
             requests: Arc::new(Semaphore::new(config.max_requests_in_flight.max(1))),
             producer_id: random_u64(),
@@ -246,8 +249,8 @@ impl Producer {
     }
 
     /// Closes the connection; unsent messages fail.
-    pub fn close(&self) {
-        self.shared.conn.close();
+    pub async fn close(&self) {
+        self.shared.client.close().await;
     }
 }
 
@@ -278,7 +281,7 @@ impl Shared {
     }
 
     async fn publish(&self, request: &Request) -> Result<BatchReceipt, ProducerError> {
-        match self.conn.request(request).await? {
+        match self.client.request(request).await? {
             Response::Published(p) => Ok(BatchReceipt {
                 positions: p.positions,
                 durability: p.durability,

@@ -1,6 +1,6 @@
 //! Everything acknowledged survives a restart; acked progress does too.
 
-use escrow_client::Connection;
+use escrow_client::Client;
 use escrow_consumer::Consumer;
 use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{CreateTopic, Message, Request};
@@ -11,7 +11,7 @@ use std::time::Duration;
 #[tokio::test]
 async fn acknowledged_messages_and_progress_survive_restart() -> anyhow::Result<()> {
     let mut node = TestNode::start().await?;
-    let conn = Connection::connect(&node.client()).await?;
+    let conn = Client::connect(node.client()).await?;
     conn.request(&Request::CreateTopic(CreateTopic {
         topic: "t".into(),
         queues: 3,
@@ -46,7 +46,7 @@ async fn acknowledged_messages_and_progress_survive_restart() -> anyhow::Result<
 
     node.restart().await?;
 
-    let conn = Connection::connect(&node.client()).await?;
+    let conn = Client::connect(node.client()).await?;
     let consumer = Consumer::on(conn, "g", "t");
     let mut after = BTreeSet::new();
     loop {

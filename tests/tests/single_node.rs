@@ -1,6 +1,6 @@
 //! Publish, receive, ack, leases and group commit over real QUIC on loopback.
 
-use escrow_client::Connection;
+use escrow_client::Client;
 use escrow_consumer::Consumer;
 use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{CreateTopic, ErrorCode, Message, Request, Response};
@@ -8,7 +8,7 @@ use escrow_tests::TestNode;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-async fn create_topic(conn: &Connection, name: &str, queues: u32) -> anyhow::Result<()> {
+async fn create_topic(conn: &Client, name: &str, queues: u32) -> anyhow::Result<()> {
     let r = conn
         .request(&Request::CreateTopic(CreateTopic {
             topic: name.into(),
@@ -19,7 +19,7 @@ async fn create_topic(conn: &Connection, name: &str, queues: u32) -> anyhow::Res
     Ok(())
 }
 
-async fn stats(conn: &Connection) -> anyhow::Result<escrow_proto::BrokerStats> {
+async fn stats(conn: &Client) -> anyhow::Result<escrow_proto::BrokerStats> {
     match conn.request(&Request::Stats).await? {
         Response::Stats(s) => Ok(s),
         other => anyhow::bail!("unexpected {other:?}"),
@@ -29,7 +29,7 @@ async fn stats(conn: &Connection) -> anyhow::Result<escrow_proto::BrokerStats> {
 #[tokio::test]
 async fn publish_receive_ack_and_group_commit() -> anyhow::Result<()> {
     let node = TestNode::start().await?;
-    let conn = Connection::connect(&node.client()).await?;
+    let conn = Client::connect(node.client()).await?;
     create_topic(&conn, "orders", 4).await?;
     let before = stats(&conn).await?;
 
@@ -90,7 +90,7 @@ async fn publish_receive_ack_and_group_commit() -> anyhow::Result<()> {
 #[tokio::test]
 async fn unacked_messages_come_back_after_their_invisibility() -> anyhow::Result<()> {
     let node = TestNode::start().await?;
-    let conn = Connection::connect(&node.client()).await?;
+    let conn = Client::connect(node.client()).await?;
     create_topic(&conn, "t", 1).await?;
     let producer = Producer::connect(ProducerConfig::new(node.client())).await?;
     producer
@@ -100,7 +100,7 @@ async fn unacked_messages_come_back_after_their_invisibility() -> anyhow::Result
         .send("t", Message::new("m2", b"two".to_vec()))
         .await?;
     let a = Consumer::on(conn.clone(), "g", "t");
-    let b = Consumer::on(Connection::connect(&node.client()).await?, "g", "t");
+    let b = Consumer::on(Client::connect(node.client()).await?, "g", "t");
 
     let first = a
         .receive(1, Duration::from_millis(300), Duration::ZERO)
@@ -150,7 +150,7 @@ async fn unacked_messages_come_back_after_their_invisibility() -> anyhow::Result
 #[tokio::test]
 async fn long_poll_wakes_on_publish() -> anyhow::Result<()> {
     let node = TestNode::start().await?;
-    let conn = Connection::connect(&node.client()).await?;
+    let conn = Client::connect(node.client()).await?;
     create_topic(&conn, "t", 2).await?;
     let consumer = Consumer::on(conn.clone(), "g", "t");
     let waiting = tokio::spawn(async move {

@@ -7,7 +7,7 @@ mod topic;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use escrow_client::{defaults, ClientConfig, Connection};
+use escrow_client::{defaults, Client, ClientConfig};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
@@ -29,7 +29,7 @@ pub(crate) struct Cli {
 /// How client commands reach a broker.
 #[derive(Debug, Args)]
 struct ConnArgs {
-    /// Broker address (host:port). Defaults to where `escrow dev` listens.
+    /// Broker address (host:port, or several comma-separated). Defaults to where `escrow dev` listens.
     #[arg(long, global = true, env = "ESCROW_SERVER")]
     server: Option<String>,
     /// CA certificate (PEM) to trust. Defaults to the one `escrow dev` keeps in its default data directory.
@@ -64,11 +64,12 @@ impl ConnArgs {
         config
     }
 
-    async fn connect(&self) -> anyhow::Result<Connection> {
+    async fn connect(&self) -> anyhow::Result<Client> {
         let config = self.client_config();
-        Connection::connect(&config)
+        let server = config.server.clone();
+        Client::connect(config)
             .await
-            .with_context(|| format!("connecting to {}", config.server))
+            .with_context(|| format!("connecting to {server}"))
     }
 }
 
