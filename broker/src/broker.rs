@@ -48,11 +48,15 @@ pub enum StartError {
 /// State shared by every connection and request.
 pub(crate) struct Shared {
     pub(crate) config: BrokerConfig,
+    /// This node's advertised addresses.
+    pub(crate) me: NodeAddr,
     pub(crate) store: Arc<Store>,
     pub(crate) view: Arc<RwLock<Index>>,
     pub(crate) commits: watch::Receiver<u64>,
     pub(crate) proposer: Proposer,
     pub(crate) raft: Raft,
+    /// The Raft log (read for status reports).
+    pub(crate) log: LogStore,
     pub(crate) leases: Mutex<HashMap<GroupTopic, GroupLeases>>,
     /// Raft term the leases were granted in; a new term discards them.
     pub(crate) lease_term: AtomicU64,
@@ -165,7 +169,7 @@ impl Broker {
             config.node_id,
             Arc::new(raft_config),
             NetworkFactory::new(config.node_id, peer_endpoint.clone(), filter),
-            log,
+            log.clone(),
             sm,
         )
         .await
@@ -206,11 +210,13 @@ impl Broker {
         )));
         let shared = Arc::new(Shared {
             config,
+            me,
             store,
             view: published.view.clone(),
             commits: published.commits.subscribe(),
             proposer,
             raft,
+            log,
             leases: Mutex::new(HashMap::new()),
             lease_term: AtomicU64::new(0),
             round_robin: AtomicU32::new(0),

@@ -19,58 +19,100 @@ pub struct DevTls {
     pub fingerprint: String,
 }
 
+/// A certificate authority on disk.
+#[derive(Clone, Debug)]
+pub struct CaFiles {
+    /// `ca.pem`.
+    pub cert: PathBuf,
+    /// `ca.key`.
+    pub key: PathBuf,
+}
+
 fn tls_error(e: impl std::fmt::Display) -> ClientError {
     ClientError::Tls(e.to_string())
+}
+
+/// Parameters of every CA `escrow` makes.
+fn ca_params() -> Result<CertificateParams, ClientError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_error)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Escrow cluster CA");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// Loads the CA in `dir` (`ca.pem`, `ca.key`), creating it on first use.
+pub fn ensure_ca(dir: &Path) -> Result<CaFiles, ClientError> {
+    let ca = CaFiles {
+        cert: dir.join("ca.pem"),
+        key: dir.join("ca.key"),
+    };
+    if ca.cert.exists() && ca.key.exists() {
+        return Ok(ca);
+    }
+    std::fs::create_dir_all(dir).map_err(tls_error)?;
+    let params = ca_params()?;
+    let key = KeyPair::generate().map_err(tls_error)?;
+    let cert = params.self_signed(&key).map_err(tls_error)?;
+    write_private(&ca.key, key.serialize_pem().as_bytes())?;
+    std::fs::write(&ca.cert, cert.pem()).map_err(tls_error)?;
+    Ok(ca)
+}
+
+/// Issues a node certificate signed by `ca` into `dir` (`node.pem`, `node.key`) unless
+/// one is there. It names `localhost`, `127.0.0.1`, `::1`, the peer name and `names`,
+/// and serves both as the client-facing certificate and for mutual TLS between nodes.
+pub fn ensure_node_cert(
+    ca: &CaFiles,
+    dir: &Path,
+    names: &[String],
+) -> Result<(PathBuf, PathBuf), ClientError> {
+    let cert_path = dir.join("node.pem");
+    let key_path = dir.join("node.key");
+    if cert_path.exists() && key_path.exists() {
+        return Ok((cert_path, key_path));
+    }
+    std::fs::create_dir_all(dir).map_err(tls_error)?;
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(&ca.key).map_err(tls_error)?)
+        .map_err(tls_error)?;
+    // The issuer is rebuilt from the same parameters the CA was made with (same subject,
+    // key identifier from the same key), which is all a signature needs.
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+        crate::raft::network::PEER_SERVER_NAME.to_string(),
+    ];
+    sans.extend(names.iter().cloned());
+    let mut params = CertificateParams::new(sans).map_err(tls_error)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Escrow node");
+    let key = KeyPair::generate().map_err(tls_error)?;
+    let cert = params.signed_by(&key, &issuer).map_err(tls_error)?;
+    write_private(&key_path, key.serialize_pem().as_bytes())?;
+    std::fs::write(&cert_path, cert.pem()).map_err(tls_error)?;
+    Ok((cert_path, key_path))
 }
 
 pub use escrow_client::defaults::dev_ca_path;
 
 /// Loads the dev CA and node certificate from `data_dir/tls`, generating them on first use.
-///
-/// The node certificate names `localhost`, `127.0.0.1`, `::1` and the extra `names`.
 pub fn ensure_dev_tls(data_dir: &Path, names: &[String]) -> Result<DevTls, ClientError> {
     let dir = data_dir.join("tls");
-    let ca_cert = dev_ca_path(data_dir);
-    let node_cert = dir.join("node.pem");
-    let node_key = dir.join("node.key");
-    if !(ca_cert.exists() && node_cert.exists() && node_key.exists()) {
-        std::fs::create_dir_all(&dir).map_err(tls_error)?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls_error)?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "Escrow dev CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_key = KeyPair::generate().map_err(tls_error)?;
-        let ca = ca_params.self_signed(&ca_key).map_err(tls_error)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-
-        let mut sans = vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-            crate::raft::network::PEER_SERVER_NAME.to_string(),
-        ];
-        sans.extend(names.iter().cloned());
-        let mut params = CertificateParams::new(sans).map_err(tls_error)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Escrow dev node");
-        let key = KeyPair::generate().map_err(tls_error)?;
-        let cert = params.signed_by(&key, &issuer).map_err(tls_error)?;
-        // Key first, then certificates: a crash in between regenerates everything.
-        write_private(&node_key, key.serialize_pem().as_bytes())?;
-        std::fs::write(&node_cert, cert.pem()).map_err(tls_error)?;
-        std::fs::write(&ca_cert, ca.pem()).map_err(tls_error)?;
-    }
+    let ca = ensure_ca(&dir)?;
+    let (node_cert, node_key) = ensure_node_cert(&ca, &dir, names)?;
     let certs = load_certs(&node_cert)?;
     Ok(DevTls {
         fingerprint: fingerprint(&certs[0]),
-        ca_cert,
+        ca_cert: ca.cert,
         node_cert,
         node_key,
     })

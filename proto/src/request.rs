@@ -29,6 +29,36 @@ pub enum Request {
     ChangeInvisibility(ChangeInvisibility),
     /// Broker counters (commits, fsyncs, messages).
     Stats,
+    /// Cluster membership and status.
+    Cluster(ClusterRequest),
+}
+
+/// Cluster administration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    /// This node's Raft status and the membership it knows (any node answers).
+    Status,
+    /// Make this uninitialized node a one-voter cluster.
+    Init,
+    /// Add a node as a learner (it receives the log but does not vote).
+    AddLearner {
+        /// The new node's id (never reuse one).
+        node_id: u64,
+        /// Its Raft address.
+        raft_addr: String,
+        /// Its client address.
+        client_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        /// Node id.
+        node_id: u64,
+    },
+    /// Remove a node (voter or learner) from the cluster.
+    Remove {
+        /// Node id.
+        node_id: u64,
+    },
 }
 
 impl Request {
@@ -45,6 +75,7 @@ impl Request {
             Request::Nack(_) => "nack",
             Request::ChangeInvisibility(_) => "change_invisibility",
             Request::Stats => "stats",
+            Request::Cluster(_) => "cluster",
         }
     }
 }

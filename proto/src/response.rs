@@ -27,6 +27,46 @@ pub enum Response {
     InvisibilityChanged,
     /// Broker counters.
     Stats(BrokerStats),
+    /// A node's cluster status.
+    Cluster(ClusterStatus),
+}
+
+/// One node's view of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The answering node.
+    pub node_id: u64,
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// Index of its last log entry.
+    pub last_log: Option<u64>,
+    /// Highest index it knows committed.
+    pub committed: Option<u64>,
+    /// Highest index applied to its state machine.
+    pub applied: Option<u64>,
+    /// Last index covered by its snapshot.
+    pub snapshot: Option<u64>,
+    /// Last index purged from its log.
+    pub purged: Option<u64>,
+    /// Members of the cluster as it knows them.
+    pub members: Vec<Member>,
+}
+
+/// A cluster member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Node id.
+    pub node_id: u64,
+    /// Raft address.
+    pub raft_addr: String,
+    /// Client address.
+    pub client_addr: String,
+    /// Voter (true) or learner.
+    pub voter: bool,
 }
 
 /// Handshake answer.

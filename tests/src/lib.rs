@@ -102,3 +102,194 @@ pub async fn wait_for_leader(broker: &Broker) -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+/// An in-process cluster on loopback sharing one CA and one fault filter.
+pub struct TestCluster {
+    /// Nodes by index (node id = index + 1); `None` while stopped.
+    pub nodes: Vec<Option<Broker>>,
+    dirs: Vec<tempfile::TempDir>,
+    /// Client and Raft addresses of each node, kept across restarts.
+    addrs: Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    ca_dir: tempfile::TempDir,
+    /// Fault injection on Raft traffic between nodes.
+    pub filter: std::sync::Arc<escrow_broker::raft::filter::NetworkFilter>,
+    /// Raft settings every node starts with.
+    pub tuning: escrow_broker::raft::RaftTuning,
+}
+
+impl std::fmt::Debug for TestCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCluster")
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fast elections for tests.
+pub fn test_tuning() -> escrow_broker::raft::RaftTuning {
+    escrow_broker::raft::RaftTuning {
+        heartbeat_ms: 50,
+        election_min_ms: 300,
+        election_max_ms: 600,
+        ..Default::default()
+    }
+}
+
+impl TestCluster {
+    /// A cluster of one bootstrapped node plus `extra` uninitialized nodes (not members yet).
+    pub async fn new(
+        total: usize,
+        tuning: escrow_broker::raft::RaftTuning,
+    ) -> anyhow::Result<TestCluster> {
+        init_logging();
+        let mut cluster = TestCluster {
+            nodes: Vec::new(),
+            dirs: Vec::new(),
+            addrs: Vec::new(),
+            ca_dir: tempfile::tempdir()?,
+            filter: Default::default(),
+            tuning,
+        };
+        for i in 0..total {
+            cluster.dirs.push(tempfile::tempdir()?);
+            cluster.nodes.push(None);
+            cluster
+                .addrs
+                .push(("127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?));
+            cluster.start_node(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// A running cluster of `n` voters with node 1 leading.
+    pub async fn voters(n: usize) -> anyhow::Result<TestCluster> {
+        let cluster = TestCluster::new(n, test_tuning()).await?;
+        cluster.join_all_as_voters().await?;
+        Ok(cluster)
+    }
+
+    /// Adds every other node to node 1's cluster as a voter.
+    pub async fn join_all_as_voters(&self) -> anyhow::Result<()> {
+        let leader = self.node(0).raft();
+        let mut voters = std::collections::BTreeSet::from([1u64]);
+        for i in 1..self.nodes.len() {
+            let id = i as u64 + 1;
+            leader.add_learner(id, self.node_addr(i), true).await?;
+            voters.insert(id);
+        }
+        leader.change_membership(voters, false).await?;
+        Ok(())
+    }
+
+    /// Node `i`'s advertised addresses.
+    pub fn node_addr(&self, i: usize) -> escrow_broker::raft::NodeAddr {
+        escrow_broker::raft::NodeAddr {
+            raft_addr: self.addrs[i].1.to_string(),
+            client_addr: self.addrs[i].0.to_string(),
+        }
+    }
+
+    /// The running node at index `i`.
+    pub fn node(&self, i: usize) -> &Broker {
+        match &self.nodes[i] {
+            Some(b) => b,
+            None => panic!("node {} is stopped", i + 1),
+        }
+    }
+
+    /// Starts node `i` (again), on the addresses it had.
+    pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let ca = tls::ensure_ca(self.ca_dir.path())?;
+        let dir = self.dirs[i].path().to_path_buf();
+        let (cert, key) = tls::ensure_node_cert(&ca, &dir.join("tls"), &[])?;
+        let (client, raft) = self.addrs[i];
+        let mut config = BrokerConfig::new(
+            client,
+            raft,
+            dir.join("data"),
+            TlsFiles {
+                cert,
+                key,
+                ca: ca.cert,
+            },
+        );
+        config.node_id = i as u64 + 1;
+        config.bootstrap = i == 0;
+        config.raft = self.tuning.clone();
+        let broker = Broker::start_with_filter(config, self.filter.clone()).await?;
+        self.addrs[i] = (broker.local_addr(), broker.raft_addr());
+        self.nodes[i] = Some(broker);
+        Ok(())
+    }
+
+    /// Stops node `i` (gracefully), keeping its data.
+    pub async fn stop_node(&mut self, i: usize) {
+        if let Some(b) = self.nodes[i].take() {
+            b.shutdown().await;
+        }
+    }
+
+    /// Stops node `i` and deletes its data (certificates are kept).
+    pub async fn wipe_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.stop_node(i).await;
+        std::fs::remove_dir_all(self.dirs[i].path().join("data"))?;
+        Ok(())
+    }
+
+    /// The CA clients trust.
+    pub fn ca(&self) -> PathBuf {
+        self.ca_dir.path().join("ca.pem")
+    }
+
+    /// A client configuration listing every node as a seed.
+    pub fn client(&self) -> ClientConfig {
+        let seeds: Vec<String> = self.addrs.iter().map(|(c, _)| c.to_string()).collect();
+        ClientConfig::new(seeds.join(","), Trust::CaFile(self.ca()))
+    }
+
+    /// A client configuration for node `i` alone.
+    pub fn client_of(&self, i: usize) -> ClientConfig {
+        ClientConfig::new(self.addrs[i].0.to_string(), Trust::CaFile(self.ca()))
+    }
+
+    /// Waits until some running node leads with its view caught up; returns its index.
+    pub async fn wait_leader(&self, among: &[usize]) -> anyhow::Result<usize> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            for &i in among {
+                if let Some(b) = &self.nodes[i] {
+                    let m = b.raft().metrics().borrow().clone();
+                    if m.current_leader == Some(b.node_id())
+                        && m.last_applied
+                            .is_some_and(|l| l.leader_id.term == m.current_term)
+                    {
+                        return Ok(i);
+                    }
+                }
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no leader among {among:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running node has applied at least `index`.
+    pub async fn wait_applied(&self, index: u64) -> anyhow::Result<()> {
+        for b in self.nodes.iter().flatten() {
+            b.raft()
+                .wait(Some(std::time::Duration::from_secs(20)))
+                .applied_index_at_least(Some(index), "caught up")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Shuts every node down.
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_node(i).await;
+        }
+    }
+}

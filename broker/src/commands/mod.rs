@@ -1,6 +1,7 @@
 //! One file per request kind; [`dispatch`] routes a decoded request to it.
 
 mod ack;
+mod cluster;
 mod hello;
 mod publish;
 mod receive;
@@ -32,6 +33,7 @@ pub(crate) async fn dispatch(shared: &Shared, session: &Session, request: Reques
         Request::Nack(nack) => ack::nack(shared, nack),
         Request::ChangeInvisibility(change) => ack::change_invisibility(shared, change),
         Request::Stats => stats::handle(shared),
+        Request::Cluster(cluster) => cluster::handle(shared, cluster).await,
     };
     reply.unwrap_or_else(Response::Error)
 }

@@ -87,6 +87,14 @@ impl LogStore {
         Ok(())
     }
 
+    /// The last committed log id this node has recorded (for status reports).
+    pub fn committed(&self) -> Option<LogId> {
+        self.read_meta::<Option<LogId>>(COMMITTED)
+            .ok()
+            .flatten()
+            .flatten()
+    }
+
     fn append_blocking(&self, entries: Vec<Entry>) -> Result<(), Failure> {
         let txn = self.db.begin_write().map_err(fail)?;
         {

@@ -1,0 +1,279 @@
+//! Three-node clusters in one process over real QUIC: partitions, snapshots, membership.
+#![allow(clippy::unwrap_used)] // test helpers: a poisoned lock is a test failure
+
+use escrow_client::{Client, Connection};
+use escrow_consumer::Consumer;
+use escrow_producer::{Producer, ProducerConfig};
+use escrow_proto::{CreateTopic, ErrorCode, Message, Publish, Request, Response};
+use escrow_tests::{test_tuning, TestCluster};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Acked = Arc<Mutex<BTreeSet<String>>>;
+
+/// Publishes until `stop`, recording acknowledged ids.
+fn publish_in_background(
+    producer: Producer,
+    prefix: &'static str,
+    stop: Arc<AtomicBool>,
+) -> (Acked, tokio::task::JoinHandle<()>) {
+    let acked: Acked = Default::default();
+    let out = acked.clone();
+    let task = tokio::spawn(async move {
+        let mut waits = tokio::task::JoinSet::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let id = format!("{prefix}-{i}");
+            i += 1;
+            let Ok(pending) = producer
+                .send_async("t", Message::new(id.clone(), id.clone().into_bytes()))
+                .await
+            else {
+                break;
+            };
+            let acked = acked.clone();
+            waits.spawn(async move {
+                if pending.wait().await.is_ok() {
+                    acked.lock().unwrap().insert(id);
+                }
+            });
+            while waits.try_join_next().is_some() {}
+        }
+        while waits.join_next().await.is_some() {}
+    });
+    (out, task)
+}
+
+async fn wait_for_acks(acked: &Acked, at_least: usize) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < at_least {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "only {} acks",
+            acked.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Every message id stored in topic `t`, read through a fresh group; fails on duplicates.
+async fn stored_ids(client: &Client, group: &str) -> anyhow::Result<BTreeSet<String>> {
+    let consumer = Consumer::on(client.clone(), group, "t");
+    let mut ids = BTreeSet::new();
+    loop {
+        let batch = consumer
+            .receive(1000, Duration::from_secs(60), Duration::from_millis(500))
+            .await?;
+        if batch.is_empty() {
+            return Ok(ids);
+        }
+        for d in batch {
+            anyhow::ensure!(
+                ids.insert(d.message.id.clone()),
+                "{} stored twice",
+                d.message.id
+            );
+        }
+    }
+}
+
+async fn create_topic(client: &Client) -> anyhow::Result<()> {
+    client
+        .request(&Request::CreateTopic(CreateTopic {
+            topic: "t".into(),
+            queues: 4,
+        }))
+        .await?;
+    Ok(())
+}
+
+fn producer_config(cluster: &TestCluster) -> ProducerConfig {
+    let mut client = cluster.client();
+    client.request_timeout = Duration::from_secs(2);
+    let mut config = ProducerConfig::new(client);
+    config.window = 64;
+    config
+}
+
+fn assert_none_lost(acked: &BTreeSet<String>, stored: &BTreeSet<String>) {
+    let lost: Vec<_> = acked.difference(stored).take(5).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost, e.g. {lost:?}",
+        acked.difference(stored).count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_cannot_acknowledge_and_converges_after_healing() -> anyhow::Result<()> {
+    let cluster = TestCluster::voters(3).await?;
+    let old = cluster.wait_leader(&[0, 1, 2]).await?;
+    let old_id = old as u64 + 1;
+    let client = Client::connect(cluster.client()).await?;
+    create_topic(&client).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = Producer::connect(producer_config(&cluster)).await?;
+    let (acked, task) = publish_in_background(producer, "m", stop.clone());
+    wait_for_acks(&acked, 300).await?;
+
+    cluster.filter.isolate(old_id);
+    // A write sent straight to the isolated leader is never acknowledged.
+    let direct = Connection::connect(&cluster.client_of(old)).await?;
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(3),
+        direct.request(&Request::Publish(Publish {
+            topic: "t".into(),
+            producer: None,
+            messages: vec![Message::new("isolated-write", b"x".to_vec())],
+        })),
+    )
+    .await;
+    match attempt {
+        Err(_) => {} // no quorum, no answer
+        Ok(Err(e)) => assert!(
+            matches!(e.code(), Some(ErrorCode::NOT_LEADER) | None),
+            "{e}"
+        ),
+        Ok(Ok(r)) => panic!("an isolated leader acknowledged a write: {r:?}"),
+    }
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = cluster.wait_leader(&others).await?;
+    let before = acked.lock().unwrap().len();
+    wait_for_acks(&acked, before + 300).await?;
+
+    cluster.filter.heal();
+    let new_term = cluster.node(new).raft().metrics().borrow().current_term;
+    cluster
+        .node(old)
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.current_term >= new_term && m.current_leader == Some(new as u64 + 1),
+            "old leader follows the new one",
+        )
+        .await?;
+    stop.store(true, Ordering::Relaxed);
+    task.await?;
+    let applied = cluster
+        .node(new)
+        .raft()
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |l| l.index);
+    cluster.wait_applied(applied).await?;
+
+    let acked = acked.lock().unwrap().clone();
+    let stored = stored_ids(&client, "audit").await?;
+    assert_none_lost(&acked, &stored);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    let mut tuning = test_tuning();
+    tuning.snapshot_after_entries = 40;
+    tuning.keep_after_snapshot = 5;
+    let mut cluster = TestCluster::new(3, tuning).await?;
+    cluster.join_all_as_voters().await?;
+    let client = Client::connect(cluster.client()).await?;
+    create_topic(&client).await?;
+    let producer = Producer::connect(producer_config(&cluster)).await?;
+    for i in 0..150 {
+        producer
+            .send("t", Message::new(format!("a{i}"), vec![1]))
+            .await?;
+    }
+    cluster.wipe_node(2).await?;
+    for i in 0..100 {
+        producer
+            .send("t", Message::new(format!("b{i}"), vec![2]))
+            .await?;
+    }
+    let leader = cluster.wait_leader(&[0, 1]).await?;
+    let purged = cluster.node(leader).raft().metrics().borrow().purged;
+    assert!(
+        purged.is_some(),
+        "the leader purged its log behind a snapshot"
+    );
+    cluster.start_node(2).await?;
+    let applied = cluster
+        .node(leader)
+        .raft()
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |l| l.index);
+    cluster.wait_applied(applied).await?;
+    let m = cluster.node(2).raft().metrics().borrow().clone();
+    assert!(
+        m.snapshot.is_some(),
+        "the wiped node installed a snapshot: {m:?}"
+    );
+
+    // Its state equals the leader's: the same offsets in every queue.
+    let describe = Request::DescribeTopic { topic: "t".into() };
+    let on_wiped = Connection::connect(&cluster.client_of(2))
+        .await?
+        .request(&describe)
+        .await?;
+    let on_leader = Connection::connect(&cluster.client_of(leader))
+        .await?
+        .request(&describe)
+        .await?;
+    assert_eq!(on_wiped, on_leader);
+    let Response::Topic(t) = on_wiped else {
+        panic!("not a topic")
+    };
+    assert_eq!(t.queues.iter().map(|q| q.next_offset).sum::<u64>(), 250);
+    cluster.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_grows_and_shrinks_under_load() -> anyhow::Result<()> {
+    let cluster = TestCluster::new(3, test_tuning()).await?;
+    cluster.wait_leader(&[0]).await?;
+    let client = Client::connect(cluster.client_of(0)).await?;
+    create_topic(&client).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = Producer::connect(producer_config(&cluster)).await?;
+    let (acked, task) = publish_in_background(producer, "g", stop.clone());
+    wait_for_acks(&acked, 200).await?;
+
+    let raft = cluster.node(0).raft();
+    for i in 1..3 {
+        raft.add_learner(i as u64 + 1, cluster.node_addr(i), true)
+            .await?;
+        let n = acked.lock().unwrap().len();
+        wait_for_acks(&acked, n + 100).await?;
+    }
+    raft.change_membership(BTreeSet::from([1, 2, 3]), false)
+        .await?;
+    let n = acked.lock().unwrap().len();
+    wait_for_acks(&acked, n + 200).await?;
+    raft.change_membership(BTreeSet::from([1, 2]), false)
+        .await?;
+    let n = acked.lock().unwrap().len();
+    wait_for_acks(&acked, n + 200).await?;
+    stop.store(true, Ordering::Relaxed);
+    task.await?;
+
+    let voters: Vec<u64> = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    assert_eq!(voters, vec![1, 2]);
+    let acked = acked.lock().unwrap().clone();
+    let stored = stored_ids(&client, "audit").await?;
+    assert_none_lost(&acked, &stored);
+    cluster.shutdown().await;
+    Ok(())
+}
