@@ -1,8 +1,9 @@
 //! Broker configuration.
 
 use crate::raft::RaftTuning;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use escrow_client::defaults::DEFAULT_CLIENT_PORT;
 
@@ -10,7 +11,7 @@ pub use escrow_client::defaults::DEFAULT_CLIENT_PORT;
 pub const DEFAULT_RAFT_PORT: u16 = 7450;
 
 /// Where the node's certificate, key and cluster CA are.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFiles {
     /// PEM certificate chain presented to clients and peers.
     pub cert: PathBuf,
@@ -20,8 +21,10 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
-/// Everything a broker node needs to run.
-#[derive(Clone, Debug)]
+/// Everything a broker node needs to run. Loaded from TOML by `escrow serve --config`;
+/// every field has a default, and `ESCROW_*` environment variables override the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     /// This node's id (unique in the cluster, never reused).
     pub node_id: u64,
@@ -49,7 +52,132 @@ pub struct BrokerConfig {
     pub producer_idle_expiry_ms: u64,
 }
 
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        let data_dir = PathBuf::from("escrow-data");
+        let tls = TlsFiles {
+            cert: data_dir.join("tls").join("node.pem"),
+            key: data_dir.join("tls").join("node.key"),
+            ca: data_dir.join("tls").join("ca.pem"),
+        };
+        BrokerConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], DEFAULT_CLIENT_PORT)),
+            SocketAddr::from(([127, 0, 0, 1], DEFAULT_RAFT_PORT)),
+            data_dir,
+            tls,
+        )
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// An environment override has a bad value.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The values are inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn env_parse<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) => v.parse().map(Some).map_err(|e: T::Err| ConfigError::Env {
+            name,
+            message: e.to_string(),
+        }),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => Err(ConfigError::Env {
+            name,
+            message: e.to_string(),
+        }),
+    }
+}
+
 impl BrokerConfig {
+    /// Loads `path` (or the defaults), applies `ESCROW_*` overrides and validates.
+    ///
+    /// Overrides: `ESCROW_NODE_ID`, `ESCROW_LISTEN`, `ESCROW_RAFT_LISTEN`,
+    /// `ESCROW_ADVERTISE_CLIENT`, `ESCROW_ADVERTISE_RAFT`, `ESCROW_DATA_DIR`,
+    /// `ESCROW_TLS_CERT`, `ESCROW_TLS_KEY`, `ESCROW_TLS_CA`, `ESCROW_BOOTSTRAP`.
+    pub fn load(path: Option<&Path>) -> Result<BrokerConfig, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => BrokerConfig::default(),
+        };
+        if let Some(v) = env_parse("ESCROW_NODE_ID")? {
+            config.node_id = v;
+        }
+        if let Some(v) = env_parse("ESCROW_LISTEN")? {
+            config.listen = v;
+        }
+        if let Some(v) = env_parse("ESCROW_RAFT_LISTEN")? {
+            config.raft_listen = v;
+        }
+        if let Some(v) = env_parse::<String>("ESCROW_ADVERTISE_CLIENT")? {
+            config.advertise_client = Some(v);
+        }
+        if let Some(v) = env_parse::<String>("ESCROW_ADVERTISE_RAFT")? {
+            config.advertise_raft = Some(v);
+        }
+        if let Some(v) = env_parse::<PathBuf>("ESCROW_DATA_DIR")? {
+            config.data_dir = v;
+        }
+        if let Some(v) = env_parse::<PathBuf>("ESCROW_TLS_CERT")? {
+            config.tls.cert = v;
+        }
+        if let Some(v) = env_parse::<PathBuf>("ESCROW_TLS_KEY")? {
+            config.tls.key = v;
+        }
+        if let Some(v) = env_parse::<PathBuf>("ESCROW_TLS_CA")? {
+            config.tls.ca = v;
+        }
+        if let Some(v) = env_parse("ESCROW_BOOTSTRAP")? {
+            config.bootstrap = v;
+        }
+        config.validate().map_err(ConfigError::Invalid)?;
+        Ok(config)
+    }
+
+    /// The configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
     /// A configuration with defaults for everything but the paths and addresses.
     pub fn new(
         listen: SocketAddr,
@@ -88,5 +216,31 @@ impl BrokerConfig {
             return Err("producer_idle_expiry_ms must be positive".into());
         }
         self.raft.config().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trip_and_partial_files() {
+        let config = BrokerConfig::default();
+        let text = config.to_toml();
+        let back: BrokerConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, config);
+        let partial: BrokerConfig =
+            toml::from_str("node_id = 3\nlisten = \"127.0.0.1:9000\"\n[raft]\nheartbeat_ms = 50\n")
+                .unwrap();
+        assert_eq!(partial.node_id, 3);
+        assert_eq!(partial.raft.heartbeat_ms, 50);
+        assert_eq!(
+            partial.raft.election_min_ms,
+            RaftTuning::default().election_min_ms
+        );
+        assert!(
+            toml::from_str::<BrokerConfig>("nodeid = 3").is_err(),
+            "typos are refused"
+        );
     }
 }

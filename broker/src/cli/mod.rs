@@ -1,8 +1,11 @@
 //! Command-line interface of the `escrow` binary.
 
+mod cert;
+mod cluster;
 mod dev;
 mod receive;
 mod send;
+mod serve;
 mod topic;
 
 use anyhow::Context;
@@ -42,8 +45,16 @@ struct ConnArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a single-node broker with zero setup (self-signed TLS in the data directory).
+    /// Run a local broker with zero setup: one node, or `--nodes 3` in one process.
     Dev(dev::DevArgs),
+    /// Run a cluster node from a configuration file (`--print-config` shows the effective one).
+    Serve(serve::ServeArgs),
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Make a cluster CA and node certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
     /// Create, list and describe topics.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
@@ -75,7 +86,8 @@ impl ConnArgs {
 
 pub(crate) fn init_tracing(cli: &Cli) {
     let default = match cli.command {
-        Command::Dev(_) => "info",
+        // openraft warns about benign races (stale replies after a membership change).
+        Command::Dev(_) | Command::Serve(_) => "info,openraft=error",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))
@@ -89,6 +101,9 @@ pub(crate) fn init_tracing(cli: &Cli) {
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        Command::Serve(args) => serve::run(args).await,
+        Command::Cluster(cmd) => cluster::run(&cli.conn, cmd).await,
+        Command::Cert(cmd) => cert::run(cmd),
         Command::Topic(cmd) => topic::run(&cli.conn, cmd).await,
         Command::Send(args) => send::run(&cli.conn, args).await,
         Command::Receive(args) => receive::run(&cli.conn, args).await,

@@ -61,7 +61,8 @@ pub use openraft::Config as RaftConfig;
 pub use openraft::ServerState;
 
 /// Raft timing and batching settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RaftTuning {
     /// Leader heartbeat interval.
     pub heartbeat_ms: u64,
