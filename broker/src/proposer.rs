@@ -110,7 +110,7 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
             at_ms: last_at,
             commands,
         };
-        match raft.client_write_ff(batch).await {
+        match raft.client_write_ff(Arc::new(batch)).await {
             Ok(receiver) => {
                 let raft = raft.clone();
                 tokio::spawn(async move {

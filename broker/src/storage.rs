@@ -96,6 +96,15 @@ pub struct Record {
     pub producer: Option<ProducerSequence>,
 }
 
+/// A record to store, borrowing its message from the log entry (no copy of the body).
+#[derive(Debug, Serialize)]
+pub struct RecordRef<'a> {
+    /// The message as published.
+    pub message: &'a Message,
+    /// Producer id and this message's own sequence.
+    pub producer: Option<ProducerSequence>,
+}
+
 /// A decoded segment.
 #[derive(Debug)]
 pub struct Segment {
@@ -161,7 +170,7 @@ fn decode_segment(base_offset: u64, bytes: &[u8]) -> Result<Segment, StorageErro
     })
 }
 
-fn encode_segment(stored_at_ms: u64, records: &[Record]) -> Vec<u8> {
+fn encode_segment<R: Serialize>(stored_at_ms: u64, records: &[R]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(SEGMENT_HEADER_LEN + records.len() * 64);
     buf.push(VALUE_VERSION);
     buf.extend_from_slice(&(records.len() as u32).to_le_bytes());
@@ -437,14 +446,14 @@ impl Writer {
         Ok(())
     }
 
-    /// Stores a segment.
-    pub fn put_segment(
+    /// Stores a segment of [`Record`]s (or [`RecordRef`]s, which encode identically).
+    pub fn put_segment<R: Serialize>(
         &mut self,
         topic_id: u32,
         queue: u32,
         base_offset: u64,
         stored_at_ms: u64,
-        records: &[Record],
+        records: &[R],
     ) -> Result<(), StorageError> {
         self.txn.open_table(SEGMENTS)?.insert(
             (topic_id, queue, base_offset),

@@ -13,6 +13,10 @@ use std::time::Duration;
 
 type Acked = Arc<Mutex<BTreeSet<String>>>;
 
+/// Clusters of three nodes with fast election timeouts starve each other on two cores:
+/// the tests of this file take turns.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Publishes until `stop`, recording acknowledged ids.
 fn publish_in_background(
     producer: Producer,
@@ -109,6 +113,7 @@ fn assert_none_lost(acked: &BTreeSet<String>, stored: &BTreeSet<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_leader_cannot_acknowledge_and_converges_after_healing() -> anyhow::Result<()> {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = TestCluster::voters(3).await?;
     let old = cluster.wait_leader(&[0, 1, 2]).await?;
     let old_id = old as u64 + 1;
@@ -175,6 +180,7 @@ async fn isolated_leader_cannot_acknowledge_and_converges_after_healing() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     let mut tuning = test_tuning();
     tuning.snapshot_after_entries = 40;
     tuning.keep_after_snapshot = 5;
@@ -236,6 +242,7 @@ async fn wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_grows_and_shrinks_under_load() -> anyhow::Result<()> {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
     let cluster = TestCluster::new(3, test_tuning()).await?;
     cluster.wait_leader(&[0]).await?;
     let client = Client::connect(cluster.client_of(0)).await?;

@@ -1,20 +1,26 @@
 //! The Raft log and vote on redb (`raft-log.redb`).
 //!
 //! Tables: `entries` (log index -> postcard entry) and `meta` (vote, committed,
-//! last purged). Every append is one write transaction with one fsync, however many
-//! entries it carries; the callback fires after the fsync.
+//! last purged). One writer thread owns every write: it takes all operations queued
+//! since its last commit (appends, truncations, purges, votes) and applies them in
+//! order in one write transaction with one fsync, then reports each append as
+//! flushed. Appended entries are readable at once from an in-memory cache of the
+//! newest entries, which also spares replication and apply a decode from disk.
 
 use super::{io_error, Entry, LogId, StorageError, TypeConfig};
 use crate::metrics::Metrics;
+use crate::state::command::Command;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::EntryPayload;
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, Vote};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -22,12 +28,10 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
-/// Log storage; clones share the database.
-#[derive(Clone, Debug)]
-pub struct LogStore {
-    db: Arc<Database>,
-    metrics: Arc<Metrics>,
-}
+/// Entries kept in memory beyond those still waiting for their fsync.
+const CACHE_MAX_ENTRIES: usize = 4096;
+/// Message bytes the cache may hold (unflushed entries are always kept).
+const CACHE_MAX_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -49,18 +53,128 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
     postcard::from_bytes(bytes).map_err(fail)
 }
 
+/// A contiguous run of the newest entries, shared (not copied) with readers.
+#[derive(Debug, Default)]
+struct EntryCache {
+    entries: BTreeMap<u64, (Entry, usize)>,
+    bytes: usize,
+    /// Highest index known to be on disk; nothing above it may be evicted.
+    flushed: u64,
+}
+
+fn entry_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(batch) => batch
+            .commands
+            .iter()
+            .map(|c| match c {
+                Command::Append { records, .. } => records
+                    .iter()
+                    .map(|(_, m)| m.body.len() + 64)
+                    .sum::<usize>(),
+                _ => 64,
+            })
+            .sum(),
+        _ => 64,
+    }
+}
+
+impl EntryCache {
+    fn insert(&mut self, entry: Entry) {
+        let size = entry_bytes(&entry);
+        self.bytes += size;
+        if let Some((_, old)) = self.entries.insert(entry.log_id.index, (entry, size)) {
+            self.bytes -= old;
+        }
+    }
+
+    fn evict(&mut self) {
+        while self.entries.len() > CACHE_MAX_ENTRIES || self.bytes > CACHE_MAX_BYTES {
+            match self.entries.first_key_value() {
+                Some((&index, _)) if index <= self.flushed => {
+                    if let Some((_, size)) = self.entries.remove(&index) {
+                        self.bytes -= size;
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, range: impl RangeBounds<u64>) {
+        let keys: Vec<u64> = self.entries.range(range).map(|(k, _)| *k).collect();
+        for k in keys {
+            if let Some((_, size)) = self.entries.remove(&k) {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// The entries in `range` if the cache holds all of them.
+    fn get(&self, range: &impl RangeBounds<u64>) -> Option<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let first = *self.entries.keys().next()?;
+        if start < first {
+            return None;
+        }
+        Some(
+            self.entries
+                .range((range.start_bound().cloned(), range.end_bound().cloned()))
+                .map(|(_, (e, _))| e.clone())
+                .collect(),
+        )
+    }
+
+    fn last(&self) -> Option<LogId> {
+        self.entries.last_key_value().map(|(_, (e, _))| e.log_id)
+    }
+}
+
+/// A write for the writer thread, applied in submission order.
+enum Op {
+    Append(Vec<Entry>, LogFlushed<TypeConfig>),
+    Truncate(u64, mpsc::SyncSender<Result<(), Failure>>),
+    Purge(LogId, mpsc::SyncSender<Result<(), Failure>>),
+    Meta(
+        &'static str,
+        Vec<u8>,
+        Option<mpsc::SyncSender<Result<(), Failure>>>,
+    ),
+}
+
+/// Log storage; clones share the database, the cache and the writer.
+#[derive(Clone, Debug)]
+pub struct LogStore {
+    db: Arc<Database>,
+    cache: Arc<Mutex<EntryCache>>,
+    writer: mpsc::Sender<Op>,
+}
+
 impl LogStore {
-    /// Opens or creates the log at `path`.
+    /// Opens or creates the log at `path` and starts its writer thread.
     pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<LogStore, redb::Error> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(LogStore {
-            db: Arc::new(db),
-            metrics,
-        })
+        let db = Arc::new(db);
+        let cache: Arc<Mutex<EntryCache>> = Arc::default();
+        let (writer, ops) = mpsc::channel();
+        let (thread_db, thread_cache) = (db.clone(), cache.clone());
+        std::thread::Builder::new()
+            .name("escrow-raft-log".into())
+            .spawn(move || write_loop(&thread_db, &thread_cache, &metrics, ops))
+            .map_err(|e| redb::Error::Io(e))?;
+        Ok(LogStore { db, cache, writer })
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        lock(&self.cache)
     }
 
     fn read_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Failure> {
@@ -68,23 +182,6 @@ impl LogStore {
         let table = txn.open_table(META).map_err(fail)?;
         let value = table.get(key).map_err(fail)?;
         value.map(|v| decode(v.value())).transpose()
-    }
-
-    fn write_meta<T: Serialize>(&self, key: &str, value: &T, durable: bool) -> Result<(), Failure> {
-        let bytes = encode(value)?;
-        let mut txn = self.db.begin_write().map_err(fail)?;
-        if !durable {
-            txn.set_durability(redb::Durability::None).map_err(fail)?;
-        }
-        txn.open_table(META)
-            .map_err(fail)?
-            .insert(key, bytes.as_slice())
-            .map_err(fail)?;
-        txn.commit().map_err(fail)?;
-        if durable {
-            self.metrics.fsyncs.fetch_add(1, Relaxed);
-        }
-        Ok(())
     }
 
     /// The last committed log id this node has recorded (for status reports).
@@ -95,41 +192,107 @@ impl LogStore {
             .flatten()
     }
 
-    fn append_blocking(&self, entries: Vec<Entry>) -> Result<(), Failure> {
-        let txn = self.db.begin_write().map_err(fail)?;
-        {
-            let mut table = txn.open_table(ENTRIES).map_err(fail)?;
-            for entry in &entries {
-                table
-                    .insert(entry.log_id.index, encode(entry)?.as_slice())
-                    .map_err(fail)?;
-            }
-        }
-        txn.commit().map_err(fail)?;
-        self.metrics.fsyncs.fetch_add(1, Relaxed);
-        Ok(())
-    }
-
-    fn remove_range(
+    /// Sends an operation and waits for the writer to make it durable.
+    async fn submit(
         &self,
-        range: impl RangeBounds<u64>,
-        purged: Option<&LogId>,
+        op: impl FnOnce(mpsc::SyncSender<Result<(), Failure>>) -> Op,
     ) -> Result<(), Failure> {
-        let txn = self.db.begin_write().map_err(fail)?;
-        {
-            let mut table = txn.open_table(ENTRIES).map_err(fail)?;
-            table.retain_in(range, |_, _| false).map_err(fail)?;
-            if let Some(log_id) = purged {
-                txn.open_table(META)
-                    .map_err(fail)?
-                    .insert(LAST_PURGED, encode(log_id)?.as_slice())
-                    .map_err(fail)?;
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.writer
+            .send(op(tx))
+            .map_err(|_| fail("the log writer has stopped"))?;
+        tokio::task::spawn_blocking(move || rx.recv())
+            .await
+            .map_err(fail)?
+            .map_err(|_| fail("the log writer has stopped"))?
+    }
+}
+
+fn lock(cache: &Mutex<EntryCache>) -> std::sync::MutexGuard<'_, EntryCache> {
+    cache.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The writer thread: group-commits every queued operation, in order, with one fsync.
+fn write_loop(
+    db: &Database,
+    cache: &Mutex<EntryCache>,
+    metrics: &Metrics,
+    ops: mpsc::Receiver<Op>,
+) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while let Ok(op) = ops.try_recv() {
+            batch.push(op);
+            if batch.len() >= 1024 {
+                break;
             }
         }
-        txn.commit().map_err(fail)?;
-        self.metrics.fsyncs.fetch_add(1, Relaxed);
-        Ok(())
+        let durable = batch.iter().any(|op| !matches!(op, Op::Meta(_, _, None)));
+        let result = write_batch(db, &batch, durable);
+        if result.is_ok() && durable {
+            metrics.fsyncs.fetch_add(1, Relaxed);
+        }
+        let flushed = batch
+            .iter()
+            .filter_map(|op| match op {
+                Op::Append(entries, _) => entries.last().map(|e| e.log_id.index),
+                _ => None,
+            })
+            .max();
+        if let (Ok(()), Some(index)) = (&result, flushed) {
+            let mut c = lock(cache);
+            c.flushed = c.flushed.max(index);
+            c.evict();
+        }
+        for op in batch {
+            let outcome = result.as_ref().map(|_| ()).map_err(|e| fail(&e.0));
+            match op {
+                Op::Append(_, callback) => {
+                    callback.log_io_completed(outcome.map_err(|e| std::io::Error::other(e.0)))
+                }
+                Op::Truncate(_, done) | Op::Purge(_, done) | Op::Meta(_, _, Some(done)) => {
+                    let _ = done.send(outcome);
+                }
+                Op::Meta(_, _, None) => {}
+            }
+        }
     }
+}
+
+fn write_batch(db: &Database, batch: &[Op], durable: bool) -> Result<(), Failure> {
+    let mut txn = db.begin_write().map_err(fail)?;
+    if !durable {
+        txn.set_durability(redb::Durability::None).map_err(fail)?;
+    }
+    {
+        let mut entries = txn.open_table(ENTRIES).map_err(fail)?;
+        let mut meta = txn.open_table(META).map_err(fail)?;
+        for op in batch {
+            match op {
+                Op::Append(list, _) => {
+                    for entry in list {
+                        entries
+                            .insert(entry.log_id.index, encode(entry)?.as_slice())
+                            .map_err(fail)?;
+                    }
+                }
+                Op::Truncate(from, _) => {
+                    entries.retain_in(*from.., |_, _| false).map_err(fail)?;
+                }
+                Op::Purge(upto, _) => {
+                    entries
+                        .retain_in(..=upto.index, |_, _| false)
+                        .map_err(fail)?;
+                    meta.insert(LAST_PURGED, encode(upto)?.as_slice())
+                        .map_err(fail)?;
+                }
+                Op::Meta(key, value, _) => {
+                    meta.insert(*key, value.as_slice()).map_err(fail)?;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(fail)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -137,6 +300,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
+        if let Some(entries) = self.cache().get(&range) {
+            return Ok(entries);
+        }
         let read = || -> Result<Vec<Entry>, Failure> {
             let txn = self.db.begin_read().map_err(fail)?;
             let table = txn.open_table(ENTRIES).map_err(fail)?;
@@ -159,10 +325,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let last_purged_log_id: Option<LogId> = self.read_meta(LAST_PURGED)?;
             let txn = self.db.begin_read().map_err(fail)?;
             let table = txn.open_table(ENTRIES).map_err(fail)?;
-            let last = match table.last().map_err(fail)? {
+            let on_disk = match table.last().map_err(fail)? {
                 Some((_, value)) => Some(decode::<Entry>(value.value())?.log_id),
                 None => None,
             };
+            let last = self.cache().last().max(on_disk);
             Ok(LogState {
                 last_purged_log_id,
                 last_log_id: last.or(last_purged_log_id),
@@ -176,7 +343,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
-        self.write_meta(VOTE, vote, true)
+        let bytes = encode(vote).map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, &e))?;
+        self.submit(|done| Op::Meta(VOTE, bytes, Some(done)))
+            .await
             .map_err(|e| io_error(ErrorSubject::Vote, ErrorVerb::Write, &e))
     }
 
@@ -186,9 +355,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // A hint for faster restart; it becomes durable with the next append.
-        self.write_meta(COMMITTED, &committed, false)
-            .map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, &e))
+        // A hint for faster restarts: written with the next durable batch, nobody waits.
+        let bytes =
+            encode(&committed).map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, &e))?;
+        self.writer
+            .send(Op::Meta(COMMITTED, bytes, None))
+            .map_err(|_| logs_err(ErrorVerb::Write, "the log writer has stopped"))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -208,31 +380,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let store = self.clone();
-        // The fsync runs off the async workers; the entries are readable once this returns.
-        let result = tokio::task::spawn_blocking(move || store.append_blocking(entries))
-            .await
-            .map_err(fail)
-            .and_then(|r| r);
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.0.clone())));
-                Err(logs_err(ErrorVerb::Write, e))
+        {
+            let mut cache = self.cache();
+            for entry in &entries {
+                cache.insert(entry.clone());
             }
         }
+        // Readable now (from the cache); the callback fires after the writer's fsync.
+        self.writer
+            .send(Op::Append(entries, callback))
+            .map_err(|_| logs_err(ErrorVerb::Write, "the log writer has stopped"))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.remove_range(log_id.index.., None)
+        {
+            let mut cache = self.cache();
+            cache.remove(log_id.index..);
+            cache.flushed = cache.flushed.min(log_id.index.saturating_sub(1));
+        }
+        self.submit(|done| Op::Truncate(log_id.index, done))
+            .await
             .map_err(|e| logs_err(ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.remove_range(..=log_id.index, Some(&log_id))
+        self.cache().remove(..=log_id.index);
+        self.submit(|done| Op::Purge(log_id, done))
+            .await
             .map_err(|e| logs_err(ErrorVerb::Delete, e))
     }
 }

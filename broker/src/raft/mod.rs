@@ -32,9 +32,10 @@ impl std::fmt::Display for NodeAddr {
 }
 
 openraft::declare_raft_types!(
-    /// Escrow's Raft types: a log entry carries one [`Batch`].
+    /// Escrow's Raft types: a log entry carries one [`Batch`], shared (not copied) between
+    /// the log cache, replication and the state machine.
     pub TypeConfig:
-        D = Batch,
+        D = std::sync::Arc<Batch>,
         R = Vec<Output>,
         NodeId = u64,
         Node = NodeAddr,

@@ -9,7 +9,7 @@ pub mod producers;
 pub mod progress;
 
 use crate::metrics::Metrics;
-use crate::storage::{Loaded, Record, StorageError, Store, TopicRecord, Writer};
+use crate::storage::{Loaded, RecordRef, StorageError, Store, TopicRecord, Writer};
 use command::{Batch, Command, Output};
 use escrow_proto::{
     ErrorCode, ErrorResponse, Position, ProducerSequence, QueueInfo, TopicInfo, MAX_QUEUES,
@@ -168,7 +168,8 @@ impl StateMachine {
     }
 
     /// Starts applying log entries; everything goes into one write transaction.
-    pub fn begin(&mut self) -> Result<Applying<'_>, StorageError> {
+    /// Messages are borrowed from the batches (`'b`) until the commit writes them.
+    pub fn begin<'b>(&mut self) -> Result<Applying<'_, 'b>, StorageError> {
         Ok(Applying {
             writer: self.store.begin()?,
             machine: self,
@@ -199,17 +200,17 @@ impl StateMachine {
 
 /// One write transaction applying log entries in order.
 #[derive(Debug)]
-pub struct Applying<'a> {
+pub struct Applying<'a, 'b> {
     machine: &'a mut StateMachine,
     writer: Writer,
     touched: Touched,
     /// Per `(topic id, queue)`: base offset, commit time of the first batch, records.
-    segments: BTreeMap<(u32, u32), (u64, u64, Vec<Record>)>,
+    segments: BTreeMap<(u32, u32), (u64, u64, Vec<RecordRef<'b>>)>,
 }
 
-impl Applying<'_> {
+impl<'b> Applying<'_, 'b> {
     /// Applies one batch; later batches in this transaction see its effects.
-    pub fn apply(&mut self, batch: &Batch) -> Result<Vec<Output>, StorageError> {
+    pub fn apply(&mut self, batch: &'b Batch) -> Result<Vec<Output>, StorageError> {
         let mut outputs = Vec::with_capacity(batch.commands.len());
         for command in &batch.commands {
             self.touched.commands += 1;
@@ -348,7 +349,7 @@ impl Applying<'_> {
         at_ms: u64,
         topic: &str,
         producer: Option<ProducerSequence>,
-        records: &[(u32, escrow_proto::Message)],
+        records: &'b [(u32, escrow_proto::Message)],
     ) -> Output {
         let index = &mut self.machine.index;
         let Some(state) = index.topics.get_mut(topic) else {
@@ -391,8 +392,8 @@ impl Applying<'_> {
                 .segments
                 .entry((state.id, *queue))
                 .or_insert_with(|| (offset, at_ms, Vec::new()));
-            segment.push(Record {
-                message: message.clone(),
+            segment.push(RecordRef {
+                message,
                 producer: producer.map(|p| ProducerSequence {
                     producer_id: p.producer_id,
                     first_sequence: p.first_sequence + i as u64,
