@@ -34,6 +34,9 @@ pub(crate) struct PublishArgs {
     /// Messages published first and not measured.
     #[arg(long, default_value_t = 1000)]
     warmup: u64,
+    /// Publish requests in flight per producer (sends queued meanwhile form the next batch).
+    #[arg(long, default_value_t = 4)]
+    requests_in_flight: usize,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +86,7 @@ pub(crate) async fn publish(client: &ClientConfig, args: PublishArgs) -> anyhow:
     for _ in 0..args.producers.max(1) {
         let mut config = ProducerConfig::new(client.clone());
         config.window = args.window.max(1);
+        config.max_requests_in_flight = args.requests_in_flight.max(1);
         producers.push(Producer::connect(config).await?);
     }
     let body = vec![b'x'; args.size];
@@ -110,6 +114,7 @@ pub(crate) async fn publish(client: &ClientConfig, args: PublishArgs) -> anyhow:
         serde_json::json!({
             "size": args.size, "count": args.count, "window": args.window,
             "producers": args.producers, "queues": args.queues, "server": client.server,
+            "requests_in_flight": args.requests_in_flight,
         }),
         Totals {
             messages: ok,
