@@ -169,7 +169,7 @@ impl LogStore {
         std::thread::Builder::new()
             .name("escrow-raft-log".into())
             .spawn(move || write_loop(&thread_db, &thread_cache, &metrics, ops))
-            .map_err(|e| redb::Error::Io(e))?;
+            .map_err(redb::Error::Io)?;
         Ok(LogStore { db, cache, writer })
     }
 
