@@ -7,9 +7,10 @@ use escrow_consumer::Consumer;
 use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{ClusterRequest, CreateTopic, Message, Request, Response};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
+
+mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,23 +43,9 @@ fn cli(args: &[&str]) -> anyhow::Result<String> {
 
 impl Node {
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let mut child = Command::new(ESCROW)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "warn,openraft=off")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        reader.read_line(&mut line)?;
+        let config = self.config.display().to_string();
+        let (child, line) = common::spawn_escrow(&["serve", "--config", &config])?;
         anyhow::ensure!(line.contains("listening"), "node {} said {line:?}", self.id);
-        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         self.child = Some(child);
         Ok(())
     }

@@ -5,36 +5,24 @@ use escrow_consumer::Consumer;
 use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{CreateTopic, Message, Request};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
+
+mod common;
 use std::time::Duration;
 
 /// Starts `escrow dev` on a free loopback port and returns it with its address.
 fn spawn_dev(dir: &Path) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_escrow"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--raft-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let mut reader = BufReader::new(stdout);
-    let mut first = String::new();
-    reader.read_line(&mut first)?;
-    // Keep draining the banner so the child never writes to a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let dir = dir.display().to_string();
+    let (child, first) = common::spawn_escrow(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--raft-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &dir,
+    ])?;
     // "escrow dev: single node listening on 127.0.0.1:PORT (QUIC)"
     let addr = first
         .split_whitespace()

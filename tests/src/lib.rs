@@ -293,3 +293,27 @@ impl TestCluster {
         }
     }
 }
+
+/// Receives everything `consumer` gets until a receive waits `idle` in vain, and returns
+/// the message ids; a message delivered twice is an error.
+pub async fn drain_ids(
+    consumer: &escrow_consumer::Consumer,
+    idle: std::time::Duration,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut ids = std::collections::BTreeSet::new();
+    loop {
+        let batch = consumer
+            .receive(1000, std::time::Duration::from_secs(60), idle)
+            .await?;
+        if batch.is_empty() {
+            return Ok(ids);
+        }
+        for d in batch {
+            anyhow::ensure!(
+                ids.insert(d.message.id.clone()),
+                "{} delivered twice",
+                d.message.id
+            );
+        }
+    }
+}

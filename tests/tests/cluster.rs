@@ -5,7 +5,7 @@ use escrow_client::{Client, Connection};
 use escrow_consumer::Consumer;
 use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{CreateTopic, ErrorCode, Message, Publish, Request, Response};
-use escrow_tests::{test_tuning, TestCluster};
+use escrow_tests::{drain_ids, test_tuning, TestCluster};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,23 +65,11 @@ async fn wait_for_acks(acked: &Acked, at_least: usize) -> anyhow::Result<()> {
 
 /// Every message id stored in topic `t`, read through a fresh group; fails on duplicates.
 async fn stored_ids(client: &Client, group: &str) -> anyhow::Result<BTreeSet<String>> {
-    let consumer = Consumer::on(client.clone(), group, "t");
-    let mut ids = BTreeSet::new();
-    loop {
-        let batch = consumer
-            .receive(1000, Duration::from_secs(60), Duration::from_millis(500))
-            .await?;
-        if batch.is_empty() {
-            return Ok(ids);
-        }
-        for d in batch {
-            anyhow::ensure!(
-                ids.insert(d.message.id.clone()),
-                "{} stored twice",
-                d.message.id
-            );
-        }
-    }
+    drain_ids(
+        &Consumer::on(client.clone(), group, "t"),
+        Duration::from_millis(500),
+    )
+    .await
 }
 
 async fn create_topic(client: &Client) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@ use escrow_client::Client;
 use escrow_consumer::Consumer;
 use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{CreateTopic, Message, Request};
-use escrow_tests::TestNode;
+use escrow_tests::{drain_ids, TestNode};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -48,18 +48,7 @@ async fn acknowledged_messages_and_progress_survive_restart() -> anyhow::Result<
 
     let conn = Client::connect(node.client()).await?;
     let consumer = Consumer::on(conn, "g", "t");
-    let mut after = BTreeSet::new();
-    loop {
-        let batch = consumer
-            .receive(500, Duration::from_secs(60), Duration::from_millis(200))
-            .await?;
-        if batch.is_empty() {
-            break;
-        }
-        for d in batch {
-            assert!(after.insert(d.message.id), "duplicate after restart");
-        }
-    }
+    let after = drain_ids(&consumer, Duration::from_millis(200)).await?;
     // Leases are soft state: the 100 leased-but-unacked come back, the 100 acked never do.
     let expected: BTreeSet<String> = sent.difference(&acked).cloned().collect();
     assert_eq!(after, expected);
