@@ -135,6 +135,7 @@ impl EntryCache {
 }
 
 /// A write for the writer thread, applied in submission order.
+/// (`Meta` without a waiter is the committed-index hint, folded into the next write.)
 enum Op {
     Append(Vec<Entry>, LogFlushed<TypeConfig>),
     Truncate(u64, mpsc::SyncSender<Result<(), Failure>>),
@@ -152,6 +153,8 @@ pub struct LogStore {
     db: Arc<Database>,
     cache: Arc<Mutex<EntryCache>>,
     writer: mpsc::Sender<Op>,
+    /// The latest committed log id, written along with the next durable batch.
+    committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl LogStore {
@@ -165,12 +168,19 @@ impl LogStore {
         let db = Arc::new(db);
         let cache: Arc<Mutex<EntryCache>> = Arc::default();
         let (writer, ops) = mpsc::channel();
-        let (thread_db, thread_cache) = (db.clone(), cache.clone());
+        let committed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let (thread_db, thread_cache, thread_committed) =
+            (db.clone(), cache.clone(), committed.clone());
         std::thread::Builder::new()
             .name("escrow-raft-log".into())
-            .spawn(move || write_loop(&thread_db, &thread_cache, &metrics, ops))
+            .spawn(move || write_loop(&thread_db, &thread_cache, &thread_committed, &metrics, ops))
             .map_err(redb::Error::Io)?;
-        Ok(LogStore { db, cache, writer })
+        Ok(LogStore {
+            db,
+            cache,
+            writer,
+            committed,
+        })
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
@@ -216,6 +226,7 @@ fn lock(cache: &Mutex<EntryCache>) -> std::sync::MutexGuard<'_, EntryCache> {
 fn write_loop(
     db: &Database,
     cache: &Mutex<EntryCache>,
+    committed: &Mutex<Option<Vec<u8>>>,
     metrics: &Metrics,
     ops: mpsc::Receiver<Op>,
 ) {
@@ -227,9 +238,11 @@ fn write_loop(
                 break;
             }
         }
-        let durable = batch.iter().any(|op| !matches!(op, Op::Meta(_, _, None)));
-        let result = write_batch(db, &batch, durable);
-        if result.is_ok() && durable {
+        if let Some(bytes) = committed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            batch.push(Op::Meta(COMMITTED, bytes, None));
+        }
+        let result = write_batch(db, &batch);
+        if result.is_ok() {
             metrics.fsyncs.fetch_add(1, Relaxed);
         }
         let flushed = batch
@@ -259,11 +272,8 @@ fn write_loop(
     }
 }
 
-fn write_batch(db: &Database, batch: &[Op], durable: bool) -> Result<(), Failure> {
-    let mut txn = db.begin_write().map_err(fail)?;
-    if !durable {
-        txn.set_durability(redb::Durability::None).map_err(fail)?;
-    }
+fn write_batch(db: &Database, batch: &[Op]) -> Result<(), Failure> {
+    let txn = db.begin_write().map_err(fail)?;
     {
         let mut entries = txn.open_table(ENTRIES).map_err(fail)?;
         let mut meta = txn.open_table(META).map_err(fail)?;
@@ -355,12 +365,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // A hint for faster restarts: written with the next durable batch, nobody waits.
+        // A hint for faster restarts: rides along with the next write, nobody waits.
         let bytes =
             encode(&committed).map_err(|e| io_error(ErrorSubject::Store, ErrorVerb::Write, &e))?;
-        self.writer
-            .send(Op::Meta(COMMITTED, bytes, None))
-            .map_err(|_| logs_err(ErrorVerb::Write, "the log writer has stopped"))
+        *self.committed.lock().unwrap_or_else(|e| e.into_inner()) = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

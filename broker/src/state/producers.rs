@@ -19,10 +19,48 @@ pub struct ProducerState {
     pub floor: u64,
     /// Stored batches at or above the floor: first sequence -> length.
     pub ranges: BTreeMap<u64, u64>,
-    /// Positions of the most recent batches: `(first sequence, positions)`.
-    pub recent: VecDeque<(u64, Vec<Position>)>,
+    /// Positions of the most recent batches: `(first sequence, positions as runs)`.
+    pub recent: VecDeque<(u64, Vec<Run>)>,
     /// Commit time of the last batch (for idle expiry).
     pub last_seen_ms: u64,
+}
+
+/// Consecutive offsets in one queue: how a batch's positions are remembered compactly
+/// (a keyless batch is one run), since this state is rewritten with every publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// Queue.
+    pub queue: u32,
+    /// First offset.
+    pub offset: u64,
+    /// Number of consecutive offsets.
+    pub len: u32,
+}
+
+fn to_runs(positions: &[Position]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for p in positions {
+        match runs.last_mut() {
+            Some(r) if r.queue == p.queue && r.offset + u64::from(r.len) == p.offset => r.len += 1,
+            _ => runs.push(Run {
+                queue: p.queue,
+                offset: p.offset,
+                len: 1,
+            }),
+        }
+    }
+    runs
+}
+
+fn from_runs(runs: &[Run]) -> Vec<Position> {
+    runs.iter()
+        .flat_map(|r| {
+            (0..u64::from(r.len)).map(move |i| Position {
+                queue: r.queue,
+                offset: r.offset + i,
+            })
+        })
+        .collect()
 }
 
 /// Outcome of looking up a batch.
@@ -44,7 +82,7 @@ impl ProducerState {
             return Seen::New;
         }
         match self.recent.iter().find(|(s, _)| *s == first) {
-            Some((_, positions)) => Seen::Duplicate(positions.clone()),
+            Some((_, runs)) => Seen::Duplicate(from_runs(runs)),
             None => Seen::Forgotten,
         }
     }
@@ -69,7 +107,7 @@ impl ProducerState {
                 }
             }
         }
-        self.recent.push_back((first, positions));
+        self.recent.push_back((first, to_runs(&positions)));
         while self.recent.len() > REMEMBERED_BATCHES {
             self.recent.pop_front();
         }
@@ -107,5 +145,31 @@ mod tests {
         }
         assert_eq!(p.lookup(0), Seen::Forgotten);
         assert_eq!(p.recent.len(), REMEMBERED_BATCHES);
+    }
+
+    #[test]
+    fn positions_round_trip_through_runs() {
+        let positions = vec![
+            Position {
+                queue: 1,
+                offset: 5,
+            },
+            Position {
+                queue: 1,
+                offset: 6,
+            },
+            Position {
+                queue: 2,
+                offset: 0,
+            },
+            Position {
+                queue: 1,
+                offset: 7,
+            },
+        ];
+        let runs = to_runs(&positions);
+        assert_eq!(runs.len(), 3);
+        assert_eq!(from_runs(&runs), positions);
+        assert_eq!(to_runs(&pos(256)).len(), 1);
     }
 }
