@@ -113,6 +113,9 @@ pub struct Broker {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
+    /// Gone once the storage files are closed (after shutdown).
+    log_closed: std::sync::Weak<redb::Database>,
+    state_closed: std::sync::Weak<Store>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -208,6 +211,8 @@ impl Broker {
             config.producer_idle_expiry_ms,
             shutdown_rx.clone(),
         )));
+        let log_closed = log.closed_watch();
+        let state_closed = Arc::downgrade(&store);
         let shared = Arc::new(Shared {
             config,
             me,
@@ -236,6 +241,8 @@ impl Broker {
             shutdown,
             tasks,
             shared,
+            log_closed,
+            state_closed,
         })
     }
 
@@ -269,6 +276,15 @@ impl Broker {
             let _ = task.await;
         }
         self.endpoint.wait_idle().await;
+        drop(self.shared);
+        // Raft's background tasks let go of the stores shortly after shutdown; wait for
+        // the files to close so the same data directory can be opened again at once.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while (self.log_closed.strong_count() > 0 || self.state_closed.strong_count() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -147,12 +147,29 @@ enum Op {
     ),
 }
 
+/// The writer thread's queue; dropping the last handle stops the thread and waits for it,
+/// so the database file is closed when the last `LogStore` clone is gone.
+#[derive(Debug)]
+struct Writer {
+    ops: Option<mpsc::Sender<Op>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.ops.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Log storage; clones share the database, the cache and the writer.
 #[derive(Clone, Debug)]
 pub struct LogStore {
     db: Arc<Database>,
     cache: Arc<Mutex<EntryCache>>,
-    writer: mpsc::Sender<Op>,
+    writer: Arc<Writer>,
     /// The latest committed log id, written along with the next durable batch.
     committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
@@ -171,16 +188,33 @@ impl LogStore {
         let committed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let (thread_db, thread_cache, thread_committed) =
             (db.clone(), cache.clone(), committed.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("escrow-raft-log".into())
             .spawn(move || write_loop(&thread_db, &thread_cache, &thread_committed, &metrics, ops))
             .map_err(redb::Error::Io)?;
         Ok(LogStore {
             db,
             cache,
-            writer,
+            writer: Arc::new(Writer {
+                ops: Some(writer),
+                thread: Some(thread),
+            }),
             committed,
         })
+    }
+
+    /// Observes when the database is closed (every clone and the writer thread gone).
+    pub fn closed_watch(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+
+    fn send(&self, op: Op) -> Result<(), Failure> {
+        self.writer
+            .ops
+            .as_ref()
+            .ok_or_else(|| fail("the log writer has stopped"))?
+            .send(op)
+            .map_err(|_| fail("the log writer has stopped"))
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
@@ -208,9 +242,7 @@ impl LogStore {
         op: impl FnOnce(mpsc::SyncSender<Result<(), Failure>>) -> Op,
     ) -> Result<(), Failure> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.writer
-            .send(op(tx))
-            .map_err(|_| fail("the log writer has stopped"))?;
+        self.send(op(tx))?;
         tokio::task::spawn_blocking(move || rx.recv())
             .await
             .map_err(fail)?
@@ -396,9 +428,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         // Readable now (from the cache); the callback fires after the writer's fsync.
-        self.writer
-            .send(Op::Append(entries, callback))
-            .map_err(|_| logs_err(ErrorVerb::Write, "the log writer has stopped"))
+        self.send(Op::Append(entries, callback))
+            .map_err(|e| logs_err(ErrorVerb::Write, e))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
