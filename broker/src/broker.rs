@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     pub(crate) lease_term: AtomicU64,
     pub(crate) round_robin: AtomicU32,
     pub(crate) metrics: Arc<Metrics>,
+    /// Request bytes being read or handled, node-wide (`max_in_flight_bytes`).
+    pub(crate) in_flight_bytes: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -213,6 +215,7 @@ impl Broker {
         )));
         let log_closed = log.closed_watch();
         let state_closed = Arc::downgrade(&store);
+        let in_flight_bytes = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight_bytes));
         let shared = Arc::new(Shared {
             config,
             me,
@@ -226,6 +229,7 @@ impl Broker {
             lease_term: AtomicU64::new(0),
             round_robin: AtomicU32::new(0),
             metrics,
+            in_flight_bytes,
         });
         tasks.push(tokio::spawn(listener::serve(
             endpoint.clone(),

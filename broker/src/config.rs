@@ -44,6 +44,8 @@ pub struct BrokerConfig {
     pub max_connections: usize,
     /// Most concurrent request streams per connection (bounds a client's pipelining window).
     pub max_streams_per_connection: u32,
+    /// Most request bytes the node holds at once across all connections; more wait.
+    pub max_in_flight_bytes: usize,
     /// Initialize a single-node cluster of this node if it has no Raft state yet.
     pub bootstrap: bool,
     /// Raft timing and batching.
@@ -195,6 +197,7 @@ impl BrokerConfig {
             tls,
             max_connections: 1024,
             max_streams_per_connection: 1024,
+            max_in_flight_bytes: 256 * 1024 * 1024,
             bootstrap: false,
             raft: RaftTuning::default(),
             producer_idle_expiry_ms: 7 * 24 * 60 * 60 * 1000,
@@ -211,6 +214,9 @@ impl BrokerConfig {
         }
         if self.max_streams_per_connection == 0 {
             return Err("max_streams_per_connection must be at least 1".into());
+        }
+        if self.max_in_flight_bytes < escrow_proto::MAX_FRAME_LEN as usize {
+            return Err("max_in_flight_bytes must hold at least one maximal frame (8 MiB)".into());
         }
         if self.producer_idle_expiry_ms == 0 {
             return Err("producer_idle_expiry_ms must be positive".into());

@@ -14,25 +14,26 @@ pub enum StreamError {
     Io(String),
 }
 
-/// Reads one frame's payload, checking its declared length against `max` before allocating.
+/// Reads a frame header and checks the declared length against `max`.
 ///
 /// Returns `Ok(None)` when the stream ended cleanly before a header.
-pub async fn read_payload(
+pub async fn read_header(
     recv: &mut quinn::RecvStream,
     max: u32,
-) -> Result<Option<Vec<u8>>, StreamError> {
+) -> Result<Option<usize>, StreamError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Ok(()) => Ok(Some(frame::payload_len(header, max)?)),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
         Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(
-                FrameError::Malformed(format!("stream ended after {n} header bytes")).into(),
-            )
+            Err(FrameError::Malformed(format!("stream ended after {n} header bytes")).into())
         }
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(StreamError::Io(e.to_string())),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(StreamError::Io(e.to_string())),
     }
-    let len = frame::payload_len(header, max)?;
+}
+
+/// Reads a payload of `len` bytes (already checked by [`read_header`]).
+pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, StreamError> {
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(n) => StreamError::Frame(FrameError::Malformed(
@@ -40,7 +41,20 @@ pub async fn read_payload(
         )),
         quinn::ReadExactError::ReadError(e) => StreamError::Io(e.to_string()),
     })?;
-    Ok(Some(payload))
+    Ok(payload)
+}
+
+/// Reads one frame's payload, checking its declared length against `max` before allocating.
+///
+/// Returns `Ok(None)` when the stream ended cleanly before a header.
+pub async fn read_payload(
+    recv: &mut quinn::RecvStream,
+    max: u32,
+) -> Result<Option<Vec<u8>>, StreamError> {
+    match read_header(recv, max).await? {
+        Some(len) => read_body(recv, len).await.map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Reads and decodes one frame; a stream that ends before a frame is malformed.

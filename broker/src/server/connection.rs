@@ -2,7 +2,7 @@
 
 use crate::broker::Shared;
 use crate::commands;
-use escrow_client::wire::{read_payload, write_frame, StreamError};
+use escrow_client::wire::{read_body, read_header, write_frame, StreamError};
 use escrow_proto::{frame, ErrorCode, ErrorResponse, Request, Response, MAX_FRAME_LEN};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -79,8 +79,23 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let response = match read_payload(&mut recv, MAX_FRAME_LEN).await {
-        Ok(Some(payload)) => match frame::decode::<Request>(&payload) {
+    // Request bytes held at once are bounded node-wide: a frame's buffer is only
+    // allocated once its length fits the budget (otherwise the stream waits).
+    let read = async {
+        let Some(len) = read_header(&mut recv, MAX_FRAME_LEN).await? else {
+            return Ok(None);
+        };
+        let permits = u32::try_from(len).unwrap_or(u32::MAX).max(1);
+        let budget = shared
+            .in_flight_bytes
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| StreamError::Io("shutting down".into()))?;
+        Ok(Some((read_body(&mut recv, len).await?, budget)))
+    };
+    let response = match read.await {
+        Ok(Some((payload, _budget))) => match frame::decode::<Request>(&payload) {
             Ok(request) => {
                 let span = tracing::debug_span!("request", kind = request.kind());
                 commands::dispatch(&shared, &session, request)
