@@ -106,6 +106,15 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         last_at = escrow_client::now_ms().max(last_at);
         let (commands, replies): (Vec<_>, Vec<_>) =
             proposals.into_iter().map(|p| (p.command, p.reply)).unzip();
+        if lost_quorum(&raft) {
+            // A leader cut off from its quorum cannot commit: say so at once, so clients
+            // move to the other side of the partition instead of waiting for a timeout.
+            let e = not_leader(None);
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+            continue;
+        }
         let batch = Batch {
             at_ms: last_at,
             commands,
@@ -127,6 +136,14 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
             }
         }
     }
+}
+
+/// Whether this node leads but has not heard from a quorum for longer than an election timeout.
+fn lost_quorum(raft: &Raft) -> bool {
+    let limit = raft.config().election_timeout_max;
+    let m = raft.metrics().borrow().clone();
+    m.state == crate::raft::ServerState::Leader
+        && m.millis_since_quorum_ack.is_some_and(|ms| ms > limit)
 }
 
 type WriteResult = Result<

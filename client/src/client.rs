@@ -71,30 +71,43 @@ impl Client {
         self.inner.state.lock().await.target.clone()
     }
 
-    async fn connection(&self) -> Result<Connection, ClientError> {
+    /// The connection to the current target, and that target.
+    async fn connection(&self) -> (Result<Connection, ClientError>, String) {
         let mut state = self.inner.state.lock().await;
+        let target = state.target.clone();
         if let Some(conn) = &state.conn {
             if conn.quic().close_reason().is_none() {
-                return Ok(conn.clone());
+                return (Ok(conn.clone()), target);
             }
         }
         let mut config = self.inner.config.clone();
-        config.server = state.target.clone();
-        let conn = Connection::connect(&config).await?;
-        state.conn = Some(conn.clone());
-        Ok(conn)
+        config.server = target.clone();
+        let result = Connection::connect(&config).await;
+        if let Ok(conn) = &result {
+            state.conn = Some(conn.clone());
+        }
+        (result, target)
     }
 
-    async fn redirect(&self, leader: Option<String>) {
+    // Both moves apply only if `failed` is still the target: when concurrent requests fail
+    // on the same node, the first one moves on and the others must not move again.
+
+    async fn redirect(&self, failed: &str, leader: Option<String>) {
         let mut state = self.inner.state.lock().await;
+        if state.target != failed {
+            return;
+        }
         state.conn = None;
         if let Some(leader) = leader {
             state.target = leader;
         }
     }
 
-    async fn next_seed(&self) {
+    async fn next_seed(&self, failed: &str) {
         let mut state = self.inner.state.lock().await;
+        if state.target != failed {
+            return;
+        }
         state.conn = None;
         if !self.inner.seeds.is_empty() {
             let i = state.next_seed % self.inner.seeds.len();
@@ -108,14 +121,15 @@ impl Client {
         let deadline = Instant::now() + self.inner.config.failover_timeout;
         let mut attempt: u32 = 0;
         loop {
-            let result = match self.connection().await {
+            let (conn, target) = self.connection().await;
+            let result = match conn {
                 Ok(conn) => conn.request(request).await,
                 Err(e) => Err(e),
             };
             let error = match result {
                 Err(ClientError::Server(e)) if e.code == ErrorCode::NOT_LEADER => {
                     let known = e.leader.is_some();
-                    self.redirect(e.leader.clone()).await;
+                    self.redirect(&target, e.leader.clone()).await;
                     if known && attempt == 0 {
                         attempt += 1;
                         continue; // follow a known leader at once
@@ -123,11 +137,11 @@ impl Client {
                     ClientError::Server(e)
                 }
                 Err(ClientError::Server(e)) if e.code == ErrorCode::SHUTTING_DOWN => {
-                    self.next_seed().await;
+                    self.next_seed(&target).await;
                     ClientError::Server(e)
                 }
                 Err(e @ (ClientError::Connection { .. } | ClientError::Timeout(_))) => {
-                    self.next_seed().await;
+                    self.next_seed(&target).await;
                     e
                 }
                 other => return other,
