@@ -25,6 +25,8 @@ pub(super) async fn handle(shared: &Shared, publish: Publish) -> Reply {
     for message in &publish.messages {
         message.validate()?;
     }
+    // Only a caught-up leader's view is complete enough to route (or to refuse a topic).
+    shared.require_leader()?;
     let queues = match shared.view().topics.get(&publish.topic) {
         Some(t) => t.queues.len() as u32,
         None => return Err(unknown_topic(&publish.topic)),

@@ -27,11 +27,12 @@ pub(super) async fn handle(shared: &Shared, receive: Receive) -> Reply {
     if receive.wait_ms > MAX_WAIT_MS {
         return Err(invalid(format!("wait must be at most {MAX_WAIT_MS} ms")));
     }
-    shared.require_leader()?;
     let deadline = Instant::now() + Duration::from_millis(receive.wait_ms);
     let mut commits = shared.commits.clone();
     let key = (receive.group.clone(), receive.topic.clone());
     loop {
+        // Leases are granted only by a caught-up leader; leadership may change mid-poll.
+        shared.require_leader()?;
         // Mark the current commit seen before looking, so a commit racing with the look wakes us.
         commits.borrow_and_update();
         let now = now_ms();
