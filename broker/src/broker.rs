@@ -270,6 +270,23 @@ impl Broker {
         &self.shared.raft
     }
 
+    /// On the leader: adds `nodes` as learners (each waits until it caught up), then makes
+    /// them voters alongside the current voters.
+    pub async fn add_voters(&self, nodes: &[(u64, NodeAddr)]) -> Result<(), StartError> {
+        let raft = &self.shared.raft;
+        let raft_error = |e: &dyn std::fmt::Display| StartError::Raft(e.to_string());
+        for (id, addr) in nodes {
+            raft.add_learner(*id, addr.clone(), true)
+                .await
+                .map_err(|e| raft_error(&e))?;
+        }
+        let ids = nodes.iter().map(|(id, _)| *id).collect();
+        raft.change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
+            .await
+            .map_err(|e| raft_error(&e))?;
+        Ok(())
+    }
+
     /// Stops Raft and the listeners, and closes storage.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);

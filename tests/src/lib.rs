@@ -170,14 +170,10 @@ impl TestCluster {
 
     /// Adds every other node to node 1's cluster as a voter.
     pub async fn join_all_as_voters(&self) -> anyhow::Result<()> {
-        let leader = self.node(0).raft();
-        let mut voters = std::collections::BTreeSet::from([1u64]);
-        for i in 1..self.nodes.len() {
-            let id = i as u64 + 1;
-            leader.add_learner(id, self.node_addr(i), true).await?;
-            voters.insert(id);
-        }
-        leader.change_membership(voters, false).await?;
+        let others: Vec<_> = (1..self.nodes.len())
+            .map(|i| (i as u64 + 1, self.node_addr(i)))
+            .collect();
+        self.node(0).add_voters(&others).await?;
         Ok(())
     }
 
@@ -284,6 +280,18 @@ impl TestCluster {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Waits until every running node has applied everything node `i` has applied.
+    pub async fn wait_caught_up_with(&self, i: usize) -> anyhow::Result<()> {
+        let applied = self
+            .node(i)
+            .raft()
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        self.wait_applied(applied).await
     }
 
     /// Shuts every node down.

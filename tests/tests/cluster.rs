@@ -150,14 +150,7 @@ async fn isolated_leader_cannot_acknowledge_and_converges_after_healing() -> any
         .await?;
     stop.store(true, Ordering::Relaxed);
     task.await?;
-    let applied = cluster
-        .node(new)
-        .raft()
-        .metrics()
-        .borrow()
-        .last_applied
-        .map_or(0, |l| l.index);
-    cluster.wait_applied(applied).await?;
+    cluster.wait_caught_up_with(new).await?;
 
     let acked = acked.lock().unwrap().clone();
     let stored = stored_ids(&client, "audit").await?;
@@ -195,14 +188,7 @@ async fn wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
         "the leader purged its log behind a snapshot"
     );
     cluster.start_node(2).await?;
-    let applied = cluster
-        .node(leader)
-        .raft()
-        .metrics()
-        .borrow()
-        .last_applied
-        .map_or(0, |l| l.index);
-    cluster.wait_applied(applied).await?;
+    cluster.wait_caught_up_with(leader).await?;
     let m = cluster.node(2).raft().metrics().borrow().clone();
     assert!(
         m.snapshot.is_some(),

@@ -128,14 +128,17 @@ async fn join_cluster(brokers: &[Broker]) -> anyhow::Result<()> {
         .current_leader(brokers[0].node_id(), "node 1 leads")
         .await
         .context("waiting for node 1 to lead")?;
-    for b in &brokers[1..] {
-        let node = NodeAddr {
-            raft_addr: b.raft_addr().to_string(),
-            client_addr: b.local_addr().to_string(),
-        };
-        leader.add_learner(b.node_id(), node, true).await?;
-    }
-    leader.change_membership(all, false).await?;
+    let others: Vec<_> = brokers[1..]
+        .iter()
+        .map(|b| {
+            let node = NodeAddr {
+                raft_addr: b.raft_addr().to_string(),
+                client_addr: b.local_addr().to_string(),
+            };
+            (b.node_id(), node)
+        })
+        .collect();
+    brokers[0].add_voters(&others).await?;
     Ok(())
 }
 
