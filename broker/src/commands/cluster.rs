@@ -94,7 +94,12 @@ pub(crate) fn status(shared: &Shared) -> ClusterStatus {
         term: m.current_term,
         leader: m.current_leader,
         last_log: m.last_log_index,
-        committed: shared.log.committed().map(|l| l.index),
+        // The stored hint may trail; anything applied is committed.
+        committed: shared
+            .log
+            .committed()
+            .map(|l| l.index)
+            .max(m.last_applied.map(|l| l.index)),
         applied: m.last_applied.map(|l| l.index),
         snapshot: m.snapshot.map(|l| l.index),
         purged: m.purged.map(|l| l.index),
