@@ -141,7 +141,8 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
 /// Whether this node leads but has not heard from a quorum for longer than an election timeout.
 fn lost_quorum(raft: &Raft) -> bool {
     let limit = raft.config().election_timeout_max;
-    let m = raft.metrics().borrow().clone();
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
     m.state == crate::raft::ServerState::Leader
         && m.millis_since_quorum_ack.is_some_and(|ms| ms > limit)
 }
