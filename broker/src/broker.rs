@@ -87,19 +87,24 @@ impl Shared {
     /// Ok when this node leads and has applied everything committed before its term
     /// (its own first entry), so its view is complete. Leases from an older term are dropped.
     pub(crate) fn require_leader(&self) -> Result<(), ErrorResponse> {
-        let m = self.raft.metrics().borrow().clone();
-        let me = self.config.node_id;
-        let caught_up = m
-            .last_applied
-            .is_some_and(|l| l.leader_id.term == m.current_term);
-        if m.state != ServerState::Leader || m.current_leader != Some(me) || !caught_up {
-            let leader = m
-                .current_leader
-                .filter(|l| *l != me)
-                .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
-            return Err(not_leader(leader.as_ref()));
-        }
-        if self.lease_term.swap(m.current_term, Ordering::AcqRel) != m.current_term {
+        // Read in place (this runs per request); the borrow ends before any lock is taken.
+        let term = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            let me = self.config.node_id;
+            let caught_up = m
+                .last_applied
+                .is_some_and(|l| l.leader_id.term == m.current_term);
+            if m.state != ServerState::Leader || m.current_leader != Some(me) || !caught_up {
+                let leader = m
+                    .current_leader
+                    .filter(|l| *l != me)
+                    .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+                return Err(not_leader(leader.as_ref()));
+            }
+            m.current_term
+        };
+        if self.lease_term.swap(term, Ordering::AcqRel) != term {
             self.leases().clear();
         }
         Ok(())
@@ -268,6 +273,18 @@ impl Broker {
     /// The Raft handle (membership changes, metrics).
     pub fn raft(&self) -> &Raft {
         &self.shared.raft
+    }
+
+    /// The voters of the membership this node knows.
+    pub fn voters(&self) -> std::collections::BTreeSet<u64> {
+        self.shared
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
     }
 
     /// On the leader: adds `nodes` as learners (each waits until it caught up), then makes

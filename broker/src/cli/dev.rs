@@ -112,13 +112,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
 /// Makes every node a voter of node 1's cluster (idempotent across restarts).
 async fn join_cluster(brokers: &[Broker]) -> anyhow::Result<()> {
     let leader = brokers[0].raft();
-    let members: BTreeSet<u64> = leader
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .voter_ids()
-        .collect();
+    let members = brokers[0].voters();
     let all: BTreeSet<u64> = brokers.iter().map(Broker::node_id).collect();
     if members == all {
         return Ok(());
