@@ -212,10 +212,25 @@ impl Broker {
         }
 
         let proposer = Proposer::start(raft.clone());
-        tasks.push(tokio::spawn(expire_producers(
+        let producer_expiry_ms = config.producer_idle_expiry_ms;
+        tasks.push(tokio::spawn(housekeeping(
             raft.clone(),
             proposer.clone(),
-            config.producer_idle_expiry_ms,
+            Duration::from_millis((producer_expiry_ms / 10).clamp(1000, 600_000)),
+            move || Command::ExpireProducers {
+                idle_before_ms: escrow_client::now_ms().saturating_sub(producer_expiry_ms),
+            },
+            shutdown_rx.clone(),
+        )));
+        let (dedupe_window_ms, dedupe_max_ids) = (config.dedupe_window_ms, config.dedupe_max_ids);
+        tasks.push(tokio::spawn(housekeeping(
+            raft.clone(),
+            proposer.clone(),
+            Duration::from_millis((dedupe_window_ms / 100).clamp(1000, 60_000)),
+            move || Command::ExpireMessageIds {
+                stored_before_ms: escrow_client::now_ms().saturating_sub(dedupe_window_ms),
+                keep_at_most: dedupe_max_ids,
+            },
             shutdown_rx.clone(),
         )));
         let log_closed = log.closed_watch();
@@ -326,14 +341,14 @@ impl Broker {
     }
 }
 
-/// On the leader, periodically forgets idempotent producers idle for longer than `expiry_ms`.
-async fn expire_producers(
+/// On the leader, proposes `command()` every `period` (expiry of replicated bookkeeping).
+async fn housekeeping(
     raft: Raft,
     proposer: Proposer,
-    expiry_ms: u64,
+    period: Duration,
+    command: impl Fn() -> Command,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let period = Duration::from_millis((expiry_ms / 10).clamp(1000, 600_000));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
@@ -342,12 +357,8 @@ async fn expire_producers(
         if raft.metrics().borrow().state != ServerState::Leader {
             continue;
         }
-        let idle_before_ms = escrow_client::now_ms().saturating_sub(expiry_ms);
-        if let Err(e) = proposer
-            .propose(Command::ExpireProducers { idle_before_ms })
-            .await
-        {
-            tracing::debug!(error = %e, "producer expiry not applied");
+        if let Err(e) = proposer.propose(command()).await {
+            tracing::debug!(error = %e, "housekeeping command not applied");
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct BrokerConfig {
     pub raft: RaftTuning,
     /// Idempotent-producer state is forgotten after this long without a publish.
     pub producer_idle_expiry_ms: u64,
+    /// Message ids published with dedup are remembered this long (outlive any relay outage).
+    pub dedupe_window_ms: u64,
+    /// Most message ids remembered; the oldest are forgotten first beyond it (bounds disk).
+    pub dedupe_max_ids: u64,
 }
 
 impl Default for BrokerConfig {
@@ -201,6 +205,8 @@ impl BrokerConfig {
             bootstrap: false,
             raft: RaftTuning::default(),
             producer_idle_expiry_ms: 7 * 24 * 60 * 60 * 1000,
+            dedupe_window_ms: 24 * 60 * 60 * 1000,
+            dedupe_max_ids: 10_000_000,
         }
     }
 
@@ -220,6 +226,9 @@ impl BrokerConfig {
         }
         if self.producer_idle_expiry_ms == 0 {
             return Err("producer_idle_expiry_ms must be positive".into());
+        }
+        if self.dedupe_window_ms == 0 || self.dedupe_max_ids == 0 {
+            return Err("dedupe_window_ms and dedupe_max_ids must be positive".into());
         }
         self.raft.config().map(|_| ())
     }

@@ -8,11 +8,13 @@
 //! - `group_progress`: `(group, topic id, queue)` -> `QueueProgress`.
 //! - `producers`: producer id -> `ProducerState` (idempotent publishing).
 //! - `raft_meta`: `&str` -> bytes owned by the Raft adapter (last applied log id, membership).
+//! - `message_ids`: `(topic id, message id)` -> `(stored at, queue, offset)`: dedup by message id.
+//! - `message_ids_by_time`: `(stored at, topic id, message id)` -> `()`: expiry order of the above.
 
 use crate::state::producers::ProducerState;
 use crate::state::progress::QueueProgress;
 use escrow_proto::{ErrorCode, ErrorResponse, Message, ProducerSequence};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -22,6 +24,10 @@ const SEGMENTS: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("
 const PROGRESS: TableDefinition<(&str, u32, u32), &[u8]> = TableDefinition::new("group_progress");
 const PRODUCERS: TableDefinition<u64, &[u8]> = TableDefinition::new("producers");
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+const MESSAGE_IDS: TableDefinition<(u32, &str), (u64, u32, u64)> =
+    TableDefinition::new("message_ids");
+const MESSAGE_IDS_BY_TIME: TableDefinition<(u64, u32, &str), ()> =
+    TableDefinition::new("message_ids_by_time");
 
 const SCHEMA_VERSION: u64 = 1;
 const VALUE_VERSION: u8 = 1;
@@ -200,6 +206,7 @@ struct Image {
     progress: Vec<((String, u32, u32), Vec<u8>)>,
     producers: Vec<(u64, Vec<u8>)>,
     raft_meta: Vec<(String, Vec<u8>)>,
+    message_ids: Vec<((u32, String), (u64, u32, u64))>,
 }
 
 /// The broker's redb database.
@@ -228,6 +235,8 @@ impl Store {
             txn.open_table(PROGRESS)?;
             txn.open_table(PRODUCERS)?;
             txn.open_table(RAFT_META)?;
+            txn.open_table(MESSAGE_IDS)?;
+            txn.open_table(MESSAGE_IDS_BY_TIME)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -329,6 +338,11 @@ impl Store {
                 .raft_meta
                 .push((k.value().to_string(), v.value().to_vec()));
         }
+        for e in txn.open_table(MESSAGE_IDS)?.iter()? {
+            let (k, v) = e?;
+            let (topic, id) = k.value();
+            image.message_ids.push(((topic, id.to_string()), v.value()));
+        }
         Ok(encode_value(&image))
     }
 
@@ -342,6 +356,8 @@ impl Store {
         txn.delete_table(PROGRESS)?;
         txn.delete_table(PRODUCERS)?;
         txn.delete_table(RAFT_META)?;
+        txn.delete_table(MESSAGE_IDS)?;
+        txn.delete_table(MESSAGE_IDS_BY_TIME)?;
         {
             let mut t = txn.open_table(META)?;
             for (k, v) in &image.meta {
@@ -366,6 +382,12 @@ impl Store {
             let mut t = txn.open_table(RAFT_META)?;
             for (k, v) in &image.raft_meta {
                 t.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut ids = txn.open_table(MESSAGE_IDS)?;
+            let mut by_time = txn.open_table(MESSAGE_IDS_BY_TIME)?;
+            for ((topic, id), stored) in &image.message_ids {
+                ids.insert((*topic, id.as_str()), *stored)?;
+                by_time.insert((stored.0, *topic, id.as_str()), ())?;
             }
         }
         txn.commit()?;
@@ -415,6 +437,17 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Where a deduplicated message was stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredId {
+    /// Commit time of its batch.
+    pub stored_at_ms: u64,
+    /// Queue.
+    pub queue: u32,
+    /// Offset.
+    pub offset: u64,
 }
 
 /// A point-in-time read view of the whole store.
@@ -488,6 +521,65 @@ impl Writer {
     pub fn remove_producer(&mut self, id: u64) -> Result<(), StorageError> {
         self.txn.open_table(PRODUCERS)?.remove(id)?;
         Ok(())
+    }
+
+    /// Where a message with this id was stored, if it is remembered.
+    pub fn find_message_id(
+        &self,
+        topic_id: u32,
+        id: &str,
+    ) -> Result<Option<StoredId>, StorageError> {
+        let table = self.txn.open_table(MESSAGE_IDS)?;
+        let found = table.get((topic_id, id))?.map(|v| v.value());
+        Ok(found.map(|(stored_at_ms, queue, offset)| StoredId {
+            stored_at_ms,
+            queue,
+            offset,
+        }))
+    }
+
+    /// Remembers where a message with this id was stored.
+    pub fn put_message_id(
+        &mut self,
+        topic_id: u32,
+        id: &str,
+        stored: StoredId,
+    ) -> Result<(), StorageError> {
+        self.txn.open_table(MESSAGE_IDS)?.insert(
+            (topic_id, id),
+            (stored.stored_at_ms, stored.queue, stored.offset),
+        )?;
+        self.txn
+            .open_table(MESSAGE_IDS_BY_TIME)?
+            .insert((stored.stored_at_ms, topic_id, id), ())?;
+        Ok(())
+    }
+
+    /// Forgets message ids stored before `before_ms`, and the oldest beyond `keep_at_most`,
+    /// at most `limit` of them; returns how many were forgotten.
+    pub fn expire_message_ids(
+        &mut self,
+        before_ms: u64,
+        keep_at_most: u64,
+        limit: usize,
+    ) -> Result<u64, StorageError> {
+        let mut ids = self.txn.open_table(MESSAGE_IDS)?;
+        let mut by_time = self.txn.open_table(MESSAGE_IDS_BY_TIME)?;
+        let excess = ids.len()?.saturating_sub(keep_at_most);
+        let mut doomed: Vec<(u64, u32, String)> = Vec::new();
+        for entry in by_time.iter()? {
+            let (key, _) = entry?;
+            let (at, topic, id) = key.value();
+            if doomed.len() >= limit || (at >= before_ms && doomed.len() as u64 >= excess) {
+                break;
+            }
+            doomed.push((at, topic, id.to_string()));
+        }
+        for (at, topic, id) in &doomed {
+            by_time.remove((*at, *topic, id.as_str()))?;
+            ids.remove((*topic, id.as_str()))?;
+        }
+        Ok(doomed.len() as u64)
     }
 
     /// Stores a value for the Raft adapter.

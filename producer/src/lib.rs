@@ -84,6 +84,10 @@ pub struct ProducerConfig {
     pub max_batch_messages: usize,
     /// Most body bytes in one batched request.
     pub max_batch_bytes: usize,
+    /// Ask the broker to store each message id once per topic within its dedup window.
+    /// Set it when ids are stable across process restarts (outbox rows); producer
+    /// sequences already cover retries within one producer's life.
+    pub dedupe_by_id: bool,
 }
 
 impl ProducerConfig {
@@ -95,6 +99,7 @@ impl ProducerConfig {
             max_requests_in_flight: 4,
             max_batch_messages: 1024,
             max_batch_bytes: 1024 * 1024,
+            dedupe_by_id: false,
         }
     }
 }
@@ -135,6 +140,7 @@ struct Shared {
     next_sequence: AtomicU64,
     max_batch_messages: usize,
     max_batch_bytes: usize,
+    dedupe_by_id: bool,
 }
 
 /// A send waiting to be batched.
@@ -173,6 +179,7 @@ impl Producer {
             next_sequence: AtomicU64::new(0),
             max_batch_messages: config.max_batch_messages.clamp(1, MAX_BATCH_MESSAGES),
             max_batch_bytes: config.max_batch_bytes.max(1),
+            dedupe_by_id: config.dedupe_by_id,
         });
         let (queue, rx) = mpsc::unbounded_channel();
         tokio::spawn(batcher(shared.clone(), rx));
@@ -277,6 +284,7 @@ impl Shared {
                 first_sequence,
             }),
             messages,
+            dedupe_by_id: self.dedupe_by_id,
         }))
     }
 

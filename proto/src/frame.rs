@@ -131,6 +131,7 @@ mod tests {
             topic: "orders".into(),
             producer: None,
             messages: vec![Message::new("m-1", b"hello".to_vec())],
+            dedupe_by_id: false,
         })
     }
 

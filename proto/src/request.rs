@@ -118,6 +118,9 @@ pub struct Publish {
     pub producer: Option<ProducerSequence>,
     /// The messages, stored in this order.
     pub messages: Vec<Message>,
+    /// Store each message id at most once per topic within the broker's dedup window
+    /// (outbox relays: a republished row is acknowledged, not stored again).
+    pub dedupe_by_id: bool,
 }
 
 /// Lease up to `max` messages.

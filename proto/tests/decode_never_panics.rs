@@ -47,6 +47,7 @@ fn mutated_valid_frames() {
             topic: "orders".into(),
             producer: None,
             messages: vec![msg.clone(), msg],
+            dedupe_by_id: false,
         }),
         MAX_FRAME_LEN,
     )

@@ -82,6 +82,7 @@ async fn garbage_oversized_and_unknown_get_clear_errors() -> anyhow::Result<()> 
             topic: "nope".into(),
             producer: None,
             messages: vec![Message::new("a", b"x".to_vec())],
+            dedupe_by_id: false,
         }))
         .await
         .expect_err("unknown topic");
@@ -98,6 +99,7 @@ async fn garbage_oversized_and_unknown_get_clear_errors() -> anyhow::Result<()> 
             topic: "t".into(),
             producer: None,
             messages: vec![Message::new("a", vec![0u8; MAX_BODY_LEN + 1])],
+            dedupe_by_id: false,
         }))
         .await
         .expect_err("too large");

@@ -121,6 +121,7 @@ async fn isolated_leader_cannot_acknowledge_and_converges_after_healing() -> any
             topic: "t".into(),
             producer: None,
             messages: vec![Message::new("isolated-write", b"x".to_vec())],
+            dedupe_by_id: false,
         })),
     )
     .await;

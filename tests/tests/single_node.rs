@@ -171,3 +171,67 @@ async fn long_poll_wakes_on_publish() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn message_ids_are_deduplicated_across_producers_and_restarts() -> anyhow::Result<()> {
+    let mut node = TestNode::start().await?;
+    let conn = Client::connect(node.client()).await?;
+    create_topic(&conn, "relayed", 2).await?;
+    let config = || ProducerConfig {
+        dedupe_by_id: true,
+        ..ProducerConfig::new(node.client())
+    };
+    let message = |i: usize| {
+        let mut m = Message::new(format!("outbox-{i}"), vec![i as u8]);
+        m.key = Some(format!("k{}", i % 3));
+        m
+    };
+    // Two producers (as two relays after a crash would) publish overlapping ids.
+    let first = Producer::connect(config()).await?;
+    let original = first
+        .send_batch("relayed", (0..100).map(message).collect())
+        .await?;
+    let second = Producer::connect(config()).await?;
+    let replay = second
+        .send_batch("relayed", (50..150).map(message).collect())
+        .await?;
+    assert_eq!(
+        replay.positions[..50],
+        original.positions[50..],
+        "a republished id is answered with its original position"
+    );
+    drop((first, second));
+    node.restart().await?;
+    let third = Producer::connect(ProducerConfig {
+        dedupe_by_id: true,
+        ..ProducerConfig::new(node.client())
+    })
+    .await?;
+    third
+        .send_batch("relayed", (140..160).map(message).collect())
+        .await?;
+    // Without the flag an id is not checked: plain producers pay nothing for dedup.
+    let plain = Producer::connect(ProducerConfig::new(node.client())).await?;
+    plain.send("relayed", message(0)).await?;
+
+    let consumer = Consumer::connect(&node.client(), "g", "relayed").await?;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    loop {
+        let batch = consumer
+            .receive(1000, Duration::from_secs(60), Duration::from_millis(300))
+            .await?;
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch {
+            *seen.entry(d.message.id).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), 160);
+    assert_eq!(seen["outbox-0"], 2, "the plain publish is stored again");
+    assert!(seen
+        .iter()
+        .all(|(id, n)| *n == 1 || id.as_str() == "outbox-0"));
+    node.stop().await;
+    Ok(())
+}

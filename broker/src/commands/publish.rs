@@ -44,6 +44,7 @@ pub(super) async fn handle(shared: &Shared, publish: Publish) -> Reply {
             topic: publish.topic,
             producer: publish.producer,
             records,
+            dedupe_by_id: publish.dedupe_by_id,
         })
         .await?;
     match committed.output {

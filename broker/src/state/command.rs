@@ -32,6 +32,8 @@ pub enum Command {
         producer: Option<ProducerSequence>,
         /// `(queue, message)` in request order.
         records: Vec<(u32, Message)>,
+        /// Store each message id at most once in this topic (within the dedup window).
+        dedupe_by_id: bool,
     },
     /// Forget idempotent producers idle since before `idle_before_ms`.
     ExpireProducers {
@@ -46,6 +48,14 @@ pub enum Command {
         group: String,
         /// `(queue, offset)` pairs.
         offsets: Vec<(u32, u64)>,
+    },
+    /// Forget deduplication ids stored before `stored_before_ms`, and the oldest beyond
+    /// `keep_at_most` (at most a bounded number per command).
+    ExpireMessageIds {
+        /// Ids stored before this time are forgotten.
+        stored_before_ms: u64,
+        /// Most ids remembered.
+        keep_at_most: u64,
     },
 }
 

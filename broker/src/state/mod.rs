@@ -9,7 +9,9 @@ pub mod producers;
 pub mod progress;
 
 use crate::metrics::Metrics;
-use crate::storage::{Loaded, RecordRef, StorageError, Store, TopicRecord, Writer};
+use crate::storage::{
+    Loaded, RecordRef, StorageError, Store, StoredId, TopicRecord, Writer,
+};
 use command::{Batch, Command, Output};
 use escrow_proto::{
     ErrorCode, ErrorResponse, Position, ProducerSequence, QueueInfo, TopicInfo, MAX_QUEUES,
@@ -20,6 +22,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
+
+/// Bounds one expiry command's work, so applying it stays short.
+const MAX_IDS_EXPIRED_PER_COMMAND: usize = 50_000;
 
 /// A topic's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,7 +227,8 @@ impl<'b> Applying<'_, 'b> {
                     topic,
                     producer,
                     records,
-                } => self.append(batch.at_ms, topic, *producer, records),
+                    dedupe_by_id,
+                } => self.append(batch.at_ms, topic, *producer, records, *dedupe_by_id)?,
                 Command::Ack {
                     topic,
                     group,
@@ -231,6 +237,19 @@ impl<'b> Applying<'_, 'b> {
                 Command::ExpireProducers { idle_before_ms } => {
                     self.expire_producers(*idle_before_ms)?
                 }
+                Command::ExpireMessageIds {
+                    stored_before_ms,
+                    keep_at_most,
+                } => Output::Expired(
+                    self.writer
+                        .expire_message_ids(
+                            *stored_before_ms,
+                            *keep_at_most,
+                            MAX_IDS_EXPIRED_PER_COMMAND,
+                        )?
+                        .try_into()
+                        .unwrap_or(u32::MAX),
+                ),
             };
             outputs.push(output);
         }
@@ -350,19 +369,20 @@ impl<'b> Applying<'_, 'b> {
         topic: &str,
         producer: Option<ProducerSequence>,
         records: &'b [(u32, escrow_proto::Message)],
-    ) -> Output {
+        dedupe_by_id: bool,
+    ) -> Result<Output, StorageError> {
         let index = &mut self.machine.index;
         let Some(state) = index.topics.get_mut(topic) else {
-            return Output::Rejected(unknown_topic(topic));
+            return Ok(Output::Rejected(unknown_topic(topic)));
         };
         if let Some((queue, _)) = records
             .iter()
             .find(|(q, _)| *q as usize >= state.queues.len())
         {
-            return Output::Rejected(ErrorResponse::new(
+            return Ok(Output::Rejected(ErrorResponse::new(
                 ErrorCode::INVALID_ARGUMENT,
                 format!("queue {queue} out of range for topic {topic:?}"),
-            ));
+            )));
         }
         if let Some(p) = producer {
             match index
@@ -370,24 +390,43 @@ impl<'b> Applying<'_, 'b> {
                 .get(&p.producer_id)
                 .map(|s| s.lookup(p.first_sequence))
             {
-                Some(Seen::Duplicate(positions)) => return Output::Appended(positions),
+                Some(Seen::Duplicate(positions)) => return Ok(Output::Appended(positions)),
                 Some(Seen::Forgotten) => {
-                    return Output::Rejected(ErrorResponse::new(
+                    return Ok(Output::Rejected(ErrorResponse::new(
                         ErrorCode::SEQUENCE_DUPLICATE,
                         format!(
                             "producer {:016x} sequence {} is stored already; its positions are no longer remembered",
                             p.producer_id, p.first_sequence
                         ),
-                    ))
+                    )))
                 }
                 Some(Seen::New) | None => {}
             }
         }
         let mut positions = Vec::with_capacity(records.len());
+        let mut stored = 0;
         for (i, (queue, message)) in records.iter().enumerate() {
+            if dedupe_by_id {
+                if let Some(seen) = self.writer.find_message_id(state.id, &message.id)? {
+                    positions.push(Position {
+                        queue: seen.queue,
+                        offset: seen.offset,
+                    });
+                    continue;
+                }
+            }
             let q = &mut state.queues[*queue as usize];
             let offset = q.next_offset;
             q.next_offset += 1;
+            stored += 1;
+            if dedupe_by_id {
+                let at = StoredId {
+                    stored_at_ms: at_ms,
+                    queue: *queue,
+                    offset,
+                };
+                self.writer.put_message_id(state.id, &message.id, at)?;
+            }
             let (_, _, segment) = self
                 .segments
                 .entry((state.id, *queue))
@@ -405,7 +444,7 @@ impl<'b> Applying<'_, 'b> {
                 offset,
             });
         }
-        self.touched.messages += records.len() as u64;
+        self.touched.messages += stored;
         if let Some(p) = producer {
             index.producers.entry(p.producer_id).or_default().record(
                 p.first_sequence,
@@ -415,7 +454,7 @@ impl<'b> Applying<'_, 'b> {
             self.touched.producers.insert(p.producer_id);
         }
         self.touched.topics.insert(topic.to_string());
-        Output::Appended(positions)
+        Ok(Output::Appended(positions))
     }
 
     fn ack(&mut self, topic: &str, group: &str, offsets: &[(u32, u64)]) -> Output {
@@ -491,6 +530,7 @@ mod tests {
             records: (0..n)
                 .map(|i| (0, Message::new(format!("p{i}"), vec![1])))
                 .collect(),
+            dedupe_by_id: false,
         }
     }
 
@@ -576,6 +616,7 @@ mod tests {
             records: (0..n)
                 .map(|i| (queue, Message::new(format!("m{i}"), vec![1, 2, 3])))
                 .collect(),
+            dedupe_by_id: false,
         }
     }
 
@@ -633,5 +674,63 @@ mod tests {
         assert_eq!(reopened.index().topics, twin.index().topics);
         assert_eq!(reopened.index().progress, twin.index().progress);
         assert_eq!(reopened.index().commit_index, 1);
+    }
+
+    #[test]
+    fn message_ids_are_stored_once_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let ids = |ids: &[&str]| Command::Append {
+            topic: "t".into(),
+            producer: None,
+            records: ids
+                .iter()
+                .map(|id| (0, Message::new(*id, b"x".to_vec())))
+                .collect(),
+            dedupe_by_id: true,
+        };
+        let at = |at_ms, commands| Batch { at_ms, commands };
+        sm.apply(
+            1,
+            &at(
+                10,
+                vec![Command::CreateTopic {
+                    name: "t".into(),
+                    queues: 1,
+                }],
+            ),
+        )
+        .unwrap();
+        let first = sm.apply(2, &at(10, vec![ids(&["a", "b", "a"])])).unwrap();
+        let pos = |offset| Position { queue: 0, offset };
+        assert_eq!(first, vec![Output::Appended(vec![pos(0), pos(1), pos(0)])]);
+        let again = sm.apply(3, &at(20, vec![ids(&["b", "c"])])).unwrap();
+        assert_eq!(again, vec![Output::Appended(vec![pos(1), pos(2)])]);
+        assert_eq!(sm.index().topics["t"].queues[0].next_offset, 3);
+
+        // A snapshot carries the ids: a node installing it deduplicates the same way.
+        let image = sm.store().export(sm.store().freeze().unwrap()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let mut twin = open(other.path());
+        twin.install(&image).unwrap();
+        let on_twin = twin.apply(4, &at(30, vec![ids(&["a"])])).unwrap();
+        assert_eq!(on_twin, vec![Output::Appended(vec![pos(0)])]);
+
+        let expire = |stored_before_ms, keep_at_most| Command::ExpireMessageIds {
+            stored_before_ms,
+            keep_at_most,
+        };
+        assert_eq!(
+            sm.apply(4, &at(30, vec![expire(0, 2)])).unwrap(),
+            vec![Output::Expired(1)],
+            "over the count bound the oldest goes first"
+        );
+        assert_eq!(
+            sm.apply(5, &at(30, vec![expire(15, 100)])).unwrap(),
+            vec![Output::Expired(1)],
+            "ids older than the window go"
+        );
+        let after = sm.apply(6, &at(40, vec![ids(&["a", "b", "c"])])).unwrap();
+        assert_eq!(after, vec![Output::Appended(vec![pos(3), pos(4), pos(2)])]);
     }
 }
