@@ -56,6 +56,12 @@ pub struct BrokerConfig {
     pub dedupe_window_ms: u64,
     /// Most message ids remembered; the oldest are forgotten first beyond it (bounds disk).
     pub dedupe_max_ids: u64,
+    /// Deliveries to a group after which an unacked message moves to `%DLQ%<group>`.
+    pub max_deliveries: u32,
+    /// Retry delays after a nack without a delay, by delivery count (the last repeats).
+    pub retry_backoff_ms: Vec<u64>,
+    /// Furthest in the future a delayed message may be scheduled.
+    pub max_delay_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -207,6 +213,12 @@ impl BrokerConfig {
             producer_idle_expiry_ms: 7 * 24 * 60 * 60 * 1000,
             dedupe_window_ms: 24 * 60 * 60 * 1000,
             dedupe_max_ids: 10_000_000,
+            max_deliveries: 16,
+            retry_backoff_ms: [10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600, 7200]
+                .iter()
+                .map(|s| s * 1000)
+                .collect(),
+            max_delay_ms: 7 * 24 * 60 * 60 * 1000,
         }
     }
 
@@ -226,6 +238,17 @@ impl BrokerConfig {
         }
         if self.producer_idle_expiry_ms == 0 {
             return Err("producer_idle_expiry_ms must be positive".into());
+        }
+        if self.max_deliveries == 0 {
+            return Err("max_deliveries must be positive".into());
+        }
+        if self.retry_backoff_ms.is_empty()
+            || self.retry_backoff_ms.iter().any(|&d| d > escrow_proto::MAX_INVISIBLE_MS)
+        {
+            return Err(format!(
+                "retry_backoff_ms needs 1 or more delays of at most {} ms",
+                escrow_proto::MAX_INVISIBLE_MS
+            ));
         }
         if self.dedupe_window_ms == 0 || self.dedupe_max_ids == 0 {
             return Err("dedupe_window_ms and dedupe_max_ids must be positive".into());

@@ -43,4 +43,19 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether trying again later may succeed (a failover, overload or broken connection).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Server(e) => matches!(
+                e.code,
+                ErrorCode::NOT_LEADER
+                    | ErrorCode::OVERLOADED
+                    | ErrorCode::SHUTTING_DOWN
+                    | ErrorCode::STORAGE_FAILURE
+            ),
+            ClientError::Connection { .. } | ClientError::Timeout(_) => true,
+            _ => false,
+        }
+    }
 }

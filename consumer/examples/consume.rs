@@ -1,7 +1,7 @@
 //! Consumes `orders` as group `example` from the `escrow dev` broker until Ctrl-C.
 
 use escrow_client::{defaults, ClientConfig};
-use escrow_consumer::{Consumer, RunOptions};
+use escrow_consumer::{Consumer, PushOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,9 +10,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stop = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let acked = consumer
+    let stats = consumer
         .run(
-            RunOptions::default(),
+            PushOptions::default(),
             |delivery| async move {
                 println!(
                     "{} (queue {} offset {}, delivery {})",
@@ -26,6 +26,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             stop,
         )
         .await?;
-    println!("acked {acked} messages");
+    println!(
+        "acked {}, failed {}, given back {}",
+        stats.acked, stats.failed, stats.released
+    );
     Ok(())
 }

@@ -27,7 +27,6 @@ use escrow_proto::{
     Ack, AckResult, ChangeInvisibility, Delivery, Nack, ReceiptHandle, Receive, Request, Response,
     MAX_WAIT_MS,
 };
-use std::future::Future;
 use std::time::Duration;
 
 pub use escrow_client::ClientError as ConsumerError;
@@ -107,11 +106,28 @@ impl Consumer {
         receipts: &[ReceiptHandle],
         delay: Duration,
     ) -> Result<AckResult, ClientError> {
+        self.nack_after(receipts, Some(millis(delay))).await
+    }
+
+    /// Gives messages back for a retry after the broker's backoff for their delivery
+    /// count (RocketMQ's ladder by default: 10 s, 30 s, 1 m, 2 m, … 2 h).
+    pub async fn nack_with_backoff(
+        &self,
+        receipts: &[ReceiptHandle],
+    ) -> Result<AckResult, ClientError> {
+        self.nack_after(receipts, None).await
+    }
+
+    async fn nack_after(
+        &self,
+        receipts: &[ReceiptHandle],
+        delay_ms: Option<u64>,
+    ) -> Result<AckResult, ClientError> {
         let request = Request::Nack(Nack {
             topic: self.topic.clone(),
             group: self.group.clone(),
             receipts: receipts.to_vec(),
-            delay_ms: millis(delay),
+            delay_ms,
         });
         match self.client.request(&request).await? {
             Response::Nacked(r) => Ok(r),
@@ -136,69 +152,7 @@ impl Consumer {
             other => Err(unexpected("change_invisibility", &other)),
         }
     }
-
-    /// Runs `handler` on every message until `stop` completes: acks on `Ok`, nacks
-    /// (visible again after `retry_after`) on `Err`. Returns how many were acked.
-    pub async fn run<H, Fut, E>(
-        &self,
-        options: RunOptions,
-        mut handler: H,
-        stop: impl Future<Output = ()>,
-    ) -> Result<u64, ClientError>
-    where
-        H: FnMut(Delivery) -> Fut,
-        Fut: Future<Output = Result<(), E>>,
-        E: std::fmt::Display,
-    {
-        tokio::pin!(stop);
-        let mut acked = 0u64;
-        loop {
-            let batch = tokio::select! {
-                _ = &mut stop => return Ok(acked),
-                batch = self.receive(options.batch, options.invisible_for, options.wait) => batch?,
-            };
-            let mut done = Vec::with_capacity(batch.len());
-            let mut failed = Vec::new();
-            for delivery in batch {
-                let receipt = delivery.receipt;
-                match handler(delivery).await {
-                    Ok(()) => done.push(receipt),
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?receipt, "handler failed; message will be retried");
-                        failed.push(receipt);
-                    }
-                }
-            }
-            if !done.is_empty() {
-                acked += u64::from(self.ack(&done).await?.applied);
-            }
-            if !failed.is_empty() {
-                self.nack(&failed, options.retry_after).await?;
-            }
-        }
-    }
 }
 
-/// Settings of [`Consumer::run`].
-#[derive(Clone, Copy, Debug)]
-pub struct RunOptions {
-    /// Messages per receive.
-    pub batch: u32,
-    /// Lease time of each message.
-    pub invisible_for: Duration,
-    /// Long-poll wait.
-    pub wait: Duration,
-    /// Delay before a failed message is retried.
-    pub retry_after: Duration,
-}
-
-impl Default for RunOptions {
-    fn default() -> Self {
-        RunOptions {
-            batch: 32,
-            invisible_for: Duration::from_secs(30),
-            wait: Duration::from_secs(5),
-            retry_after: Duration::from_secs(10),
-        }
-    }
-}
+pub mod push;
+pub use push::{PushOptions, PushStats};

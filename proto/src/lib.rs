@@ -28,7 +28,10 @@ pub mod response;
 
 pub use error::{ErrorCode, ErrorResponse};
 pub use limits::*;
-pub use message::{validate_name, Delivery, Message, Position, ReceiptHandle};
+pub use message::{
+    dead_letter_topic, is_reserved, validate_group, validate_name, Delivery, Message, Position,
+    ReceiptHandle,
+};
 pub use request::*;
 pub use response::*;
 

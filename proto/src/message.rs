@@ -110,6 +110,34 @@ pub struct ReceiptHandle {
     pub lease: u64,
 }
 
+/// Whether a name is reserved for the broker's own topics and groups (`%DLQ%<group>`).
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with('%')
+}
+
+/// Checks a consumer-group name: a valid name, not reserved, short enough that its
+/// dead-letter topic name is valid too.
+pub fn validate_group(group: &str) -> Result<(), ErrorResponse> {
+    validate_name("group", group)?;
+    if is_reserved(group) || group.len() + DLQ_PREFIX.len() > MAX_NAME_LEN {
+        return Err(ErrorResponse::new(
+            ErrorCode::INVALID_ARGUMENT,
+            format!(
+                "group name {group:?} must not start with '%' and must be at most {} bytes",
+                MAX_NAME_LEN - DLQ_PREFIX.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const DLQ_PREFIX: &str = "%DLQ%";
+
+/// The dead-letter topic of a consumer group.
+pub fn dead_letter_topic(group: &str) -> String {
+    format!("{DLQ_PREFIX}{group}")
+}
+
 /// A message as a consumer receives it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
@@ -135,14 +163,14 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), ErrorResponse> {
         && name.len() <= MAX_NAME_LEN
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'%'));
     if ok {
         Ok(())
     } else {
         Err(ErrorResponse::new(
             ErrorCode::INVALID_ARGUMENT,
             format!(
-                "{kind} name {name:?} must be 1..={MAX_NAME_LEN} bytes of ASCII letters, digits, '.', '_' or '-'"
+                "{kind} name {name:?} must be 1..={MAX_NAME_LEN} bytes of ASCII letters, digits, '.', '_', '-' or '%'"
             ),
         ))
     }

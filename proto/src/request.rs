@@ -31,6 +31,29 @@ pub enum Request {
     Stats,
     /// Cluster membership and status.
     Cluster(ClusterRequest),
+    /// Consumer groups with progress, per topic.
+    ListGroups,
+    /// Per-queue lag of one group on one topic.
+    GroupLag {
+        /// Topic name.
+        topic: String,
+        /// Consumer group.
+        group: String,
+    },
+    /// Dead letters of a group not yet redriven.
+    DlqList {
+        /// Consumer group.
+        group: String,
+        /// Most entries to list.
+        max: u32,
+    },
+    /// Bring dead letters back to their group (delivered again as new).
+    DlqRedrive {
+        /// Consumer group.
+        group: String,
+        /// Most entries to redrive.
+        max: u32,
+    },
 }
 
 /// Cluster administration.
@@ -76,6 +99,10 @@ impl Request {
             Request::ChangeInvisibility(_) => "change_invisibility",
             Request::Stats => "stats",
             Request::Cluster(_) => "cluster",
+            Request::ListGroups => "list_groups",
+            Request::GroupLag { .. } => "group_lag",
+            Request::DlqList { .. } => "dlq_list",
+            Request::DlqRedrive { .. } => "dlq_redrive",
         }
     }
 }
@@ -158,8 +185,9 @@ pub struct Nack {
     pub group: String,
     /// Receipts from [`crate::Delivery::receipt`].
     pub receipts: Vec<ReceiptHandle>,
-    /// Visible again after this delay.
-    pub delay_ms: u64,
+    /// Visible again after this delay; `None`: the broker's retry backoff for the
+    /// message's delivery count (10 s, 30 s, 1 m, 2 m, … by default).
+    pub delay_ms: Option<u64>,
 }
 
 /// Change when a leased message becomes visible again.

@@ -29,6 +29,59 @@ pub enum Response {
     Stats(BrokerStats),
     /// A node's cluster status.
     Cluster(ClusterStatus),
+    /// Consumer groups.
+    Groups(Vec<GroupInfo>),
+    /// Lag of one group, per queue.
+    Lag(Vec<QueueLag>),
+    /// Dead letters.
+    DeadLetters(Vec<DeadLetter>),
+    /// This many dead letters were redriven.
+    Redriven(u32),
+}
+
+/// A consumer group with progress on a topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Consumer group.
+    pub group: String,
+    /// Topic.
+    pub topic: String,
+    /// Messages acked by the group.
+    pub acked: u64,
+    /// Messages not acked yet.
+    pub backlog: u64,
+}
+
+/// One queue's lag for one group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueLag {
+    /// Queue index.
+    pub queue: u32,
+    /// Messages published (next offset).
+    pub published: u64,
+    /// Messages acked by the group.
+    pub acked: u64,
+    /// Messages leased and not acked (leader-local).
+    pub in_flight: u64,
+    /// Messages not acked: published - acked.
+    pub backlog: u64,
+}
+
+/// A message in a group's dead-letter topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Where it sits in the dead-letter topic.
+    pub position: Position,
+    /// Topic it came from.
+    pub topic: String,
+    /// Where it sat in that topic.
+    pub origin: Position,
+    /// Deliveries made before it was dead-lettered.
+    pub deliveries: u32,
+    /// When it was dead-lettered.
+    pub dead_at_ms: u64,
+    /// The message as published.
+    pub message: crate::message::Message,
 }
 
 /// One node's view of the cluster.

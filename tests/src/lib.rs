@@ -13,6 +13,7 @@ pub struct TestNode {
     /// Its data directory (kept across restarts).
     pub dir: tempfile::TempDir,
     ca: PathBuf,
+    configure: fn(&mut BrokerConfig),
 }
 
 /// Logs to the test's captured output; `RUST_LOG` selects what.
@@ -29,6 +30,11 @@ pub fn init_logging() {
 impl TestNode {
     /// Starts a node on a free loopback port in a new temp directory.
     pub async fn start() -> anyhow::Result<TestNode> {
+        TestNode::start_with(|_| {}).await
+    }
+
+    /// Starts a node whose configuration `configure` adjusts (on every restart too).
+    pub async fn start_with(configure: fn(&mut BrokerConfig)) -> anyhow::Result<TestNode> {
         init_logging();
         let dir = tempfile::tempdir()?;
         let certs = tls::ensure_dev_tls(dir.path(), &[])?;
@@ -36,6 +42,7 @@ impl TestNode {
             broker: None,
             dir,
             ca: certs.ca_cert,
+            configure,
         };
         node.restart().await?;
         Ok(node)
@@ -58,6 +65,7 @@ impl TestNode {
             },
         );
         config.bootstrap = true;
+        (self.configure)(&mut config);
         let broker = Broker::start(config).await?;
         wait_for_leader(&broker).await?;
         self.broker = Some(broker);

@@ -3,6 +3,7 @@
 mod cert;
 mod cluster;
 mod dev;
+mod group;
 mod receive;
 mod send;
 mod serve;
@@ -62,6 +63,12 @@ enum Command {
     Send(send::SendArgs),
     /// Receive messages for a consumer group and print their bodies.
     Receive(receive::ReceiveArgs),
+    /// Consumer groups: list, lag.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
+    /// Dead letters: list, redrive.
+    #[command(subcommand)]
+    Dlq(group::DlqCommand),
     /// Print the broker's counters (fsyncs, messages, connections) as JSON.
     Stats,
 }
@@ -107,6 +114,8 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(cmd) => topic::run(&cli.conn, cmd).await,
         Command::Send(args) => send::run(&cli.conn, args).await,
         Command::Receive(args) => receive::run(&cli.conn, args).await,
+        Command::Group(cmd) => group::run_group(&cli.conn, cmd).await,
+        Command::Dlq(cmd) => group::run_dlq(&cli.conn, cmd).await,
         Command::Stats => {
             let conn = cli.conn.connect().await?;
             match conn.request(&escrow_proto::Request::Stats).await? {

@@ -14,6 +14,12 @@ pub(crate) struct SendArgs {
     /// Routing key (messages with one key keep their order in one queue).
     #[arg(long)]
     key: Option<String>,
+    /// FIFO message group: delivered one at a time, in order, within each consumer group.
+    #[arg(long)]
+    message_group: Option<String>,
+    /// Deliver no earlier than this many milliseconds from now.
+    #[arg(long)]
+    delay_ms: Option<u64>,
     /// Header `name=value` (repeatable).
     #[arg(long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
@@ -34,6 +40,10 @@ impl SendArgs {
     fn message(&self, body: Vec<u8>) -> Message {
         let mut message = Message::new("", body);
         message.key = self.key.clone();
+        message.message_group = self.message_group.clone();
+        message.deliver_at_ms = self
+            .delay_ms
+            .map(|d| escrow_client::now_ms().saturating_add(d));
         message.headers = self.headers.iter().cloned().collect();
         message
     }

@@ -4,13 +4,13 @@ use crate::state::command::{Command, Output};
 use crate::state::unknown_topic;
 use escrow_client::now_ms;
 use escrow_proto::{
-    validate_name, Ack, AckResult, ChangeInvisibility, ErrorCode, ErrorResponse, Nack,
+    validate_group, validate_name, Ack, AckResult, ChangeInvisibility, ErrorCode, ErrorResponse, Nack,
     ReceiptHandle, Response, MAX_BATCH_MESSAGES, MAX_INVISIBLE_MS,
 };
 
 fn check(topic: &str, group: &str, receipts: usize) -> Result<(), ErrorResponse> {
     validate_name("topic", topic)?;
-    validate_name("group", group)?;
+    validate_group(group)?;
     if receipts == 0 || receipts > MAX_BATCH_MESSAGES {
         return Err(invalid(format!(
             "between 1 and {MAX_BATCH_MESSAGES} receipts per request"
@@ -82,10 +82,10 @@ fn change(
     topic: &str,
     group: &str,
     receipts: &[ReceiptHandle],
-    invisible_for_ms: u64,
+    invisible_for_ms: Option<u64>,
 ) -> Result<AckResult, ErrorResponse> {
     check(topic, group, receipts.len())?;
-    if invisible_for_ms > MAX_INVISIBLE_MS {
+    if invisible_for_ms.is_some_and(|ms| ms > MAX_INVISIBLE_MS) {
         return Err(invalid(format!(
             "delay must be at most {MAX_INVISIBLE_MS} ms"
         )));
@@ -99,9 +99,22 @@ fn change(
         applied: 0,
         rejected: Vec::new(),
     };
+    let backoff = &shared.config.retry_backoff_ms;
     for receipt in receipts {
         let outcome = match group.as_mut() {
-            Some(g) => g.change_visibility(now, receipt, invisible_for_ms),
+            Some(g) => {
+                // No delay given: the backoff ladder step for this delivery.
+                let delay = invisible_for_ms.or_else(|| {
+                    g.deliveries(receipt).map(|n| {
+                        let step = (n as usize).saturating_sub(1);
+                        backoff.get(step).or(backoff.last()).copied().unwrap_or(0)
+                    })
+                });
+                match delay {
+                    Some(delay) => g.change_visibility(now, receipt, delay),
+                    None => Err(ErrorCode::RECEIPT_STALE),
+                }
+            }
             None => Err(ErrorCode::RECEIPT_STALE),
         };
         match outcome {
@@ -129,7 +142,7 @@ pub(super) fn change_invisibility(shared: &Shared, c: ChangeInvisibility) -> Rep
         &c.topic,
         &c.group,
         std::slice::from_ref(&c.receipt),
-        c.invisible_for_ms,
+        Some(c.invisible_for_ms),
     )?;
     match result.rejected.first() {
         Some((_, code)) => Err(ErrorResponse::new(

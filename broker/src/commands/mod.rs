@@ -2,6 +2,7 @@
 
 mod ack;
 mod cluster;
+mod groups;
 mod hello;
 mod publish;
 mod receive;
@@ -28,6 +29,10 @@ pub(crate) async fn dispatch(shared: &Shared, session: &Session, request: Reques
         Request::ListTopics => topic::list(shared),
         Request::DescribeTopic { topic } => topic::describe(shared, &topic),
         Request::Publish(publish) => publish::handle(shared, publish).await,
+        Request::ListGroups => groups::list(shared),
+        Request::GroupLag { topic, group } => groups::lag(shared, &topic, &group),
+        Request::DlqList { group, max } => groups::dlq_list(shared, &group, max),
+        Request::DlqRedrive { group, max } => groups::dlq_redrive(shared, &group, max).await,
         Request::Receive(receive) => receive::handle(shared, receive).await,
         Request::Ack(ack) => ack::ack(shared, ack).await,
         Request::Nack(nack) => ack::nack(shared, nack),

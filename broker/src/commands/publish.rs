@@ -22,8 +22,15 @@ pub(super) async fn handle(shared: &Shared, publish: Publish) -> Reply {
             ),
         ));
     }
+    let latest = escrow_client::now_ms().saturating_add(shared.config.max_delay_ms);
     for message in &publish.messages {
         message.validate()?;
+        if message.deliver_at_ms.is_some_and(|at| at > latest) {
+            return Err(invalid(format!(
+                "deliver_at is more than the maximum delay ({} ms) ahead",
+                shared.config.max_delay_ms
+            )));
+        }
     }
     // Only a caught-up leader's view is complete enough to route (or to refuse a topic).
     shared.require_leader()?;
@@ -66,7 +73,7 @@ fn route(message: &Message, queues: u32, spread: u32) -> u32 {
 }
 
 /// FNV-1a: stable across versions and platforms, so a key maps to the same queue everywhere.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

@@ -2,10 +2,15 @@ use super::Reply;
 use crate::broker::Shared;
 use crate::state::command::{Command, Output};
 use crate::state::unknown_topic;
-use escrow_proto::{validate_name, CreateTopic, Response};
+use escrow_proto::{is_reserved, validate_name, CreateTopic, Response};
 
 pub(super) async fn create(shared: &Shared, create: CreateTopic) -> Reply {
     validate_name("topic", &create.topic)?;
+    if is_reserved(&create.topic) {
+        return Err(super::invalid(
+            "topic names starting with '%' are reserved for the broker (dead-letter topics)",
+        ));
+    }
     let committed = shared
         .proposer
         .propose(Command::CreateTopic {

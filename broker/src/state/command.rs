@@ -57,6 +57,28 @@ pub enum Command {
         /// Most ids remembered.
         keep_at_most: u64,
     },
+    /// Move messages a group could not process to its dead-letter topic: acked for the
+    /// group and appended to `%DLQ%<group>` (created on first use), atomically.
+    DeadLetter {
+        /// Topic the messages are in.
+        topic: String,
+        /// Consumer group.
+        group: String,
+        /// `(queue, offset)` of each message, paired with `records`.
+        offsets: Vec<(u32, u64)>,
+        /// The dead-letter copies (queue 0), carrying their origin in headers.
+        records: Vec<(u32, Message)>,
+    },
+    /// Bring dead letters back: each origin offset becomes unacked for the group, and
+    /// the dead letter is marked redriven (acked by the reserved redrive group).
+    Redrive {
+        /// Consumer group.
+        group: String,
+        /// Offsets in the dead-letter topic (queue 0).
+        dead_letters: Vec<u64>,
+        /// Origin `(topic, queue, offset)` of each dead letter.
+        origins: Vec<(String, u32, u64)>,
+    },
 }
 
 /// The result of applying one command.

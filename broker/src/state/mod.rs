@@ -23,6 +23,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
+/// The reserved group whose acks on a dead-letter topic mark entries redriven.
+pub const REDRIVE_GROUP: &str = "%redriven%";
+
 /// Bounds one expiry command's work, so applying it stays short.
 const MAX_IDS_EXPIRED_PER_COMMAND: usize = 50_000;
 
@@ -250,6 +253,17 @@ impl<'b> Applying<'_, 'b> {
                         .try_into()
                         .unwrap_or(u32::MAX),
                 ),
+                Command::DeadLetter {
+                    topic,
+                    group,
+                    offsets,
+                    records,
+                } => self.dead_letter(batch.at_ms, topic, group, offsets, records)?,
+                Command::Redrive {
+                    group,
+                    dead_letters,
+                    origins,
+                } => self.redrive(group, dead_letters, origins),
             };
             outputs.push(output);
         }
@@ -484,6 +498,64 @@ impl<'b> Applying<'_, 'b> {
             self.touched.progress.insert(key);
         }
         Output::Acked(applied)
+    }
+
+    fn dead_letter(
+        &mut self,
+        at_ms: u64,
+        topic: &str,
+        group: &str,
+        offsets: &[(u32, u64)],
+        records: &'b [(u32, escrow_proto::Message)],
+    ) -> Result<Output, StorageError> {
+        if offsets.len() != records.len() {
+            return Ok(Output::Rejected(ErrorResponse::new(
+                ErrorCode::INVALID_ARGUMENT,
+                "dead letters and offsets differ in number",
+            )));
+        }
+        let dlq = escrow_proto::dead_letter_topic(group);
+        if !self.machine.index.topics.contains_key(&dlq) {
+            if let Output::Rejected(e) = self.create_topic(at_ms, &dlq, 1)? {
+                return Ok(Output::Rejected(e));
+            }
+        }
+        let mut moved = 0;
+        for (&(queue, offset), record) in offsets.iter().zip(records) {
+            // Already acked (a repeated dead-letter command): moved once only.
+            match self.ack(topic, group, &[(queue, offset)]) {
+                Output::Acked(1) => {}
+                Output::Rejected(e) => return Ok(Output::Rejected(e)),
+                _ => continue,
+            }
+            self.append(at_ms, &dlq, None, std::slice::from_ref(record), false)?;
+            moved += 1;
+        }
+        Ok(Output::Acked(moved))
+    }
+
+    fn redrive(&mut self, group: &str, dead_letters: &[u64], origins: &[(String, u32, u64)]) -> Output {
+        let dlq = escrow_proto::dead_letter_topic(group);
+        let mut redriven = 0;
+        for (&dead, (topic, queue, offset)) in dead_letters.iter().zip(origins) {
+            if !matches!(self.ack(&dlq, REDRIVE_GROUP, &[(0, dead)]), Output::Acked(1)) {
+                continue;
+            }
+            let key = (group.to_string(), topic.clone());
+            if let Some(p) = self
+                .machine
+                .index
+                .progress
+                .get_mut(&key)
+                .and_then(|p| p.get_mut(*queue as usize))
+            {
+                if p.reopen(*offset) {
+                    self.touched.progress.insert(key);
+                }
+            }
+            redriven += 1;
+        }
+        Output::Acked(redriven)
     }
 
     fn expire_producers(&mut self, idle_before_ms: u64) -> Result<Output, StorageError> {

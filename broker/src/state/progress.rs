@@ -12,16 +12,21 @@ pub struct QueueProgress {
     pub floor: u64,
     /// Acked offsets at or above `floor` (sparse: out-of-order acks).
     pub above: BTreeSet<u64>,
+    /// Offsets acked once and brought back by a dead-letter redrive: unacked again.
+    pub reopened: BTreeSet<u64>,
 }
 
 impl QueueProgress {
     /// Whether `offset` is acked.
     pub fn is_acked(&self, offset: u64) -> bool {
-        offset < self.floor || self.above.contains(&offset)
+        (offset < self.floor || self.above.contains(&offset)) && !self.reopened.contains(&offset)
     }
 
     /// Marks `offset` acked; returns false if it already was.
     pub fn ack(&mut self, offset: u64) -> bool {
+        if self.reopened.remove(&offset) {
+            return true;
+        }
         if self.is_acked(offset) {
             return false;
         }
@@ -32,11 +37,17 @@ impl QueueProgress {
         true
     }
 
+    /// Makes an acked `offset` unacked again (redrive); returns false if it was not acked.
+    pub fn reopen(&mut self, offset: u64) -> bool {
+        self.is_acked(offset) && self.reopened.insert(offset)
+    }
+
     /// Moves the floor up to `low` (messages below it are no longer retained).
     pub fn raise_floor(&mut self, low: u64) {
         if low > self.floor {
             self.floor = low;
             self.above = self.above.split_off(&low);
+            self.reopened = self.reopened.split_off(&low);
             while self.above.remove(&self.floor) {
                 self.floor += 1;
             }
@@ -45,7 +56,8 @@ impl QueueProgress {
 
     /// Acked messages among `[low, next)`.
     pub fn acked_count(&self, next: u64) -> u64 {
-        self.floor.min(next) + self.above.range(..next).count() as u64
+        (self.floor.min(next) + self.above.range(..next).count() as u64)
+            .saturating_sub(self.reopened.range(..next).count() as u64)
     }
 }
 
@@ -65,6 +77,12 @@ mod tests {
         assert!(p.above.is_empty());
         assert!(!p.ack(1), "double ack is a no-op");
         assert!(p.ack(5));
+        assert_eq!(p.acked_count(10), 4);
+        assert!(p.reopen(1));
+        assert!(!p.is_acked(1));
+        assert_eq!(p.acked_count(10), 3);
+        assert!(!p.reopen(7), "only acked offsets can be reopened");
+        assert!(p.ack(1), "a reopened offset can be acked again");
         assert_eq!(p.acked_count(10), 4);
         p.raise_floor(5);
         assert_eq!(p.floor, 6);
