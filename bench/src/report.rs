@@ -107,7 +107,7 @@ impl Report {
         );
         if let Some(e) = &self.end_to_end {
             println!(
-                "end to end    p50 {:.1} ms, p99 {:.1} ms (wall clock, ms resolution)",
+                "end to end    p50 {:.3} ms, p99 {:.3} ms",
                 e.p50_ms, e.p99_ms
             );
         }

@@ -214,10 +214,12 @@ impl BrokerConfig {
             dedupe_window_ms: 24 * 60 * 60 * 1000,
             dedupe_max_ids: 10_000_000,
             max_deliveries: 16,
-            retry_backoff_ms: [10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600, 7200]
-                .iter()
-                .map(|s| s * 1000)
-                .collect(),
+            retry_backoff_ms: [
+                10, 30, 60, 120, 180, 240, 300, 360, 420, 480, 540, 600, 1200, 1800, 3600, 7200,
+            ]
+            .iter()
+            .map(|s| s * 1000)
+            .collect(),
             max_delay_ms: 7 * 24 * 60 * 60 * 1000,
         }
     }
@@ -243,7 +245,10 @@ impl BrokerConfig {
             return Err("max_deliveries must be positive".into());
         }
         if self.retry_backoff_ms.is_empty()
-            || self.retry_backoff_ms.iter().any(|&d| d > escrow_proto::MAX_INVISIBLE_MS)
+            || self
+                .retry_backoff_ms
+                .iter()
+                .any(|&d| d > escrow_proto::MAX_INVISIBLE_MS)
         {
             return Err(format!(
                 "retry_backoff_ms needs 1 or more delays of at most {} ms",

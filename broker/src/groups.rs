@@ -251,7 +251,8 @@ impl GroupLeases {
             };
             for (offset, fifo) in ready {
                 q.held.remove(&offset);
-                out.leased.push(grant(next_lease, q, queue, offset, fifo, visible_at_ms));
+                out.leased
+                    .push(grant(next_lease, q, queue, offset, fifo, visible_at_ms));
             }
 
             // Never-examined offsets.
@@ -260,10 +261,10 @@ impl GroupLeases {
                 .cursor
                 .max(end.low_offset)
                 .max(done.map_or(0, |p| p.floor));
-            let scan_end = end.next_offset.min(q.cursor.saturating_add(MAX_SCAN_PER_CALL));
-            while q.cursor < scan_end
-                && out.leased.len() < max
-                && q.held.len() < MAX_HELD_PER_QUEUE
+            let scan_end = end
+                .next_offset
+                .min(q.cursor.saturating_add(MAX_SCAN_PER_CALL));
+            while q.cursor < scan_end && out.leased.len() < max && q.held.len() < MAX_HELD_PER_QUEUE
             {
                 let want = (max - out.leased.len()) as u64;
                 let to = scan_end.min(q.cursor + want.max(64));
@@ -277,7 +278,8 @@ impl GroupLeases {
                     if blocked || m.deliver_at_ms > now_ms || out.leased.len() >= max {
                         q.held.insert(offset, m);
                     } else {
-                        out.leased.push(grant(next_lease, q, queue, offset, m.fifo, visible_at_ms));
+                        out.leased
+                            .push(grant(next_lease, q, queue, offset, m.fifo, visible_at_ms));
                     }
                 }
                 q.cursor = to;
@@ -498,11 +500,37 @@ mod tests {
         let mut p = QueueProgress::default();
         p.ack(1);
         g.remove(0, 1);
-        let next = with_meta(&mut g, 20, 10, 100, &e, Some(std::slice::from_ref(&p)), &meta);
-        assert_eq!(next.leased.iter().map(|l| l.offset).collect::<Vec<_>>(), [3]);
+        let next = with_meta(
+            &mut g,
+            20,
+            10,
+            100,
+            &e,
+            Some(std::slice::from_ref(&p)),
+            &meta,
+        );
+        assert_eq!(
+            next.leased.iter().map(|l| l.offset).collect::<Vec<_>>(),
+            [3]
+        );
         // Group A's head expires: it is redelivered before anything behind it.
-        let again = with_meta(&mut g, 120, 10, 100, &e, Some(std::slice::from_ref(&p)), &meta);
-        assert_eq!(again.leased.iter().map(|l| (l.offset, l.deliveries)).collect::<Vec<_>>(), [(0, 2), (3, 2)]);
+        let again = with_meta(
+            &mut g,
+            120,
+            10,
+            100,
+            &e,
+            Some(std::slice::from_ref(&p)),
+            &meta,
+        );
+        assert_eq!(
+            again
+                .leased
+                .iter()
+                .map(|l| (l.offset, l.deliveries))
+                .collect::<Vec<_>>(),
+            [(0, 2), (3, 2)]
+        );
     }
 
     #[test]
@@ -532,7 +560,9 @@ mod tests {
             let got = pick(&mut g, round * 100, 1, 100, &e, None);
             assert_eq!(got[0].deliveries, round as u32 + 1);
         }
-        let s = with_meta(&mut g, 300, 1, 100, &e, None, &|_, _| MessageMeta::default());
+        let s = with_meta(&mut g, 300, 1, 100, &e, None, &|_, _| {
+            MessageMeta::default()
+        });
         assert!(s.leased.is_empty());
         assert_eq!(
             s.exhausted,
@@ -543,7 +573,9 @@ mod tests {
             }]
         );
         // While the move is in flight the message is neither redelivered nor handed out again.
-        let s = with_meta(&mut g, 400, 1, 100, &e, None, &|_, _| MessageMeta::default());
+        let s = with_meta(&mut g, 400, 1, 100, &e, None, &|_, _| {
+            MessageMeta::default()
+        });
         assert!(s.leased.is_empty() && s.exhausted.is_empty());
     }
 
@@ -558,6 +590,11 @@ mod tests {
         assert!(pick(&mut g, 0, 10, 100, &e, Some(std::slice::from_ref(&p))).is_empty());
         p.reopen(1);
         let got = pick(&mut g, 0, 10, 100, &e, Some(std::slice::from_ref(&p)));
-        assert_eq!(got.iter().map(|l| (l.offset, l.deliveries)).collect::<Vec<_>>(), [(1, 1)]);
+        assert_eq!(
+            got.iter()
+                .map(|l| (l.offset, l.deliveries))
+                .collect::<Vec<_>>(),
+            [(1, 1)]
+        );
     }
 }

@@ -76,7 +76,8 @@ async fn leader_sigkill_during_consumption_redelivers_only_in_flight() -> anyhow
         }
         match consumer.ack(&receipts).await {
             Ok(result) => {
-                let rejected: std::collections::HashSet<_> = result.rejected.iter().map(|(r, _)| *r).collect();
+                let rejected: std::collections::HashSet<_> =
+                    result.rejected.iter().map(|(r, _)| *r).collect();
                 for d in batch {
                     if !rejected.contains(&d.receipt) {
                         confirmed.insert(d.message.id);
@@ -95,7 +96,11 @@ async fn leader_sigkill_during_consumption_redelivers_only_in_flight() -> anyhow
         .filter(|(_, n)| **n > 1)
         .map(|(id, _)| id.clone())
         .collect();
-    assert_eq!(confirmed.len(), MESSAGES, "every message acked once confirmed");
+    assert_eq!(
+        confirmed.len(),
+        MESSAGES,
+        "every message acked once confirmed"
+    );
     assert!(
         in_flight_at_kill.is_subset(&redelivered),
         "messages leased but unacked at the kill come back"

@@ -74,6 +74,8 @@ impl Consumer {
         let slots = Arc::new(Semaphore::new(concurrency));
         let running: Arc<Mutex<HashMap<ReceiptHandle, ()>>> = Arc::default();
         let counters = Arc::new(Counters::default());
+        let (acks, ack_rx) = tokio::sync::mpsc::unbounded_channel();
+        let acker = tokio::spawn(ack_in_batches(self.clone(), ack_rx, counters.clone()));
         let mut tasks = JoinSet::new();
         tokio::pin!(stop);
         let outcome = loop {
@@ -113,10 +115,11 @@ impl Consumer {
                 let handler = handler.clone();
                 let running = running.clone();
                 let counters = counters.clone();
+                let acks = acks.clone();
                 tasks.spawn(async move {
                     let _permit = permit;
                     consumer
-                        .handle_one(delivery, handler, options.invisible_for, &counters)
+                        .handle_one(delivery, handler, options.invisible_for, &counters, &acks)
                         .await;
                     running
                         .lock()
@@ -132,6 +135,10 @@ impl Consumer {
         })
         .await;
         tasks.shutdown().await;
+        drop(acks);
+        if let Err(e) = acker.await {
+            tracing::warn!(error = %e, "ack task failed");
+        }
         let left: Vec<ReceiptHandle> = running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -142,7 +149,9 @@ impl Consumer {
         if !left.is_empty() {
             match self.nack(&left, Duration::ZERO).await {
                 Ok(r) => released = u64::from(r.applied),
-                Err(e) => tracing::warn!(error = %e, "giving back unfinished messages failed; they reappear after their lease"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "giving back unfinished messages failed; they reappear after their lease")
+                }
             }
         }
         outcome.map(|()| PushStats {
@@ -158,6 +167,7 @@ impl Consumer {
         handler: H,
         invisible_for: Duration,
         counters: &Counters,
+        acks: &tokio::sync::mpsc::UnboundedSender<ReceiptHandle>,
     ) where
         H: Fn(Delivery) -> Fut,
         Fut: Future<Output = Result<(), E>>,
@@ -180,13 +190,11 @@ impl Consumer {
             }
         };
         match result {
-            Ok(()) => match self.ack(&[receipt]).await {
-                Ok(r) if r.applied == 1 => {
-                    counters.acked.fetch_add(1, Relaxed);
+            Ok(()) => {
+                if acks.send(receipt).is_err() {
+                    tracing::warn!(?receipt, "ack task gone; the message will be redelivered");
                 }
-                Ok(r) => tracing::warn!(?r.rejected, "ack refused; the message will be redelivered"),
-                Err(e) => tracing::warn!(error = %e, "ack failed; the message will be redelivered"),
-            },
+            }
             Err(e) => {
                 counters.failed.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, ?receipt, "handler failed; retrying after backoff");
@@ -195,5 +203,37 @@ impl Consumer {
                 }
             }
         }
+    }
+}
+
+/// Most receipts in one ack request.
+const MAX_ACK_BATCH: usize = 1024;
+
+/// Sends the receipts of finished handlers as few ack requests: everything that queued up
+/// while the previous request was in flight goes in the next one.
+async fn ack_in_batches(
+    consumer: Consumer,
+    mut receipts: tokio::sync::mpsc::UnboundedReceiver<ReceiptHandle>,
+    counters: Arc<Counters>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = receipts.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_ACK_BATCH {
+            match receipts.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        match consumer.ack(&batch).await {
+            Ok(r) => {
+                counters.acked.fetch_add(u64::from(r.applied), Relaxed);
+                if !r.rejected.is_empty() {
+                    tracing::warn!(rejected = r.rejected.len(), "acks refused; those messages will be redelivered");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, count = batch.len(), "ack failed; the messages will be redelivered"),
+        }
+        batch.clear();
     }
 }

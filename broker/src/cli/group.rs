@@ -68,7 +68,8 @@ pub(crate) async fn run_group(conn: &ConnArgs, command: GroupCommand) -> anyhow:
                             q.queue, q.published, q.acked, q.in_flight, q.backlog
                         );
                     }
-                    let sum = |f: fn(&escrow_proto::QueueLag) -> u64| queues.iter().map(f).sum::<u64>();
+                    let sum =
+                        |f: fn(&escrow_proto::QueueLag) -> u64| queues.iter().map(f).sum::<u64>();
                     println!(
                         "total\t{}\t{}\t{}\t{}",
                         sum(|q| q.published),

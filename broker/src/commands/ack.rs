@@ -4,8 +4,8 @@ use crate::state::command::{Command, Output};
 use crate::state::unknown_topic;
 use escrow_client::now_ms;
 use escrow_proto::{
-    validate_group, validate_name, Ack, AckResult, ChangeInvisibility, ErrorCode, ErrorResponse, Nack,
-    ReceiptHandle, Response, MAX_BATCH_MESSAGES, MAX_INVISIBLE_MS,
+    validate_group, validate_name, Ack, AckResult, ChangeInvisibility, ErrorCode, ErrorResponse,
+    Nack, ReceiptHandle, Response, MAX_BATCH_MESSAGES, MAX_INVISIBLE_MS,
 };
 
 fn check(topic: &str, group: &str, receipts: usize) -> Result<(), ErrorResponse> {

@@ -1,38 +1,48 @@
 //! Consumer-group administration: list, lag, dead letters and their redrive.
 
-use super::receive::{DLQ_DELIVERIES_HEADER, DLQ_OFFSET_HEADER, DLQ_QUEUE_HEADER, DLQ_TOPIC_HEADER};
+use super::receive::{
+    DLQ_DELIVERIES_HEADER, DLQ_OFFSET_HEADER, DLQ_QUEUE_HEADER, DLQ_TOPIC_HEADER,
+};
 use super::{invalid, Reply};
 use crate::broker::Shared;
 use crate::state::command::{Command, Output};
-use crate::state::{unknown_topic, REDRIVE_GROUP};
+use crate::state::{unknown_topic, GroupTopic, REDRIVE_GROUP};
 use escrow_proto::{
-    dead_letter_topic, is_reserved, validate_group, validate_name, DeadLetter, GroupInfo,
-    Position, QueueLag, Response, MAX_RECEIVE_MESSAGES,
+    dead_letter_topic, is_reserved, validate_group, validate_name, DeadLetter, GroupInfo, Position,
+    QueueLag, Response, MAX_RECEIVE_MESSAGES,
 };
+use std::collections::BTreeSet;
 
 pub(super) fn list(shared: &Shared) -> Reply {
+    // Groups with replicated progress, plus those only leasing so far (leader-local).
+    let leasing: Vec<GroupTopic> = shared.leases().keys().cloned().collect();
     let view = shared.view();
-    let mut groups: Vec<GroupInfo> = view
-        .progress
-        .iter()
-        .filter(|((group, _), _)| !is_reserved(group))
-        .filter_map(|((group, topic), progress)| {
-            let state = view.topics.get(topic)?;
-            let (acked, published) = progress.iter().zip(&state.queues).fold(
-                (0, 0),
-                |(acked, published), (p, q)| {
-                    (acked + p.acked_count(q.next_offset), published + q.next_offset)
-                },
-            );
+    let keys: BTreeSet<&GroupTopic> = view.progress.keys().chain(leasing.iter()).collect();
+    let groups = keys
+        .into_iter()
+        .filter(|(group, _)| !is_reserved(group))
+        .filter_map(|key| {
+            let state = view.topics.get(&key.1)?;
+            let progress = view.progress.get(key);
+            let (acked, published) =
+                state
+                    .queues
+                    .iter()
+                    .enumerate()
+                    .fold((0, 0), |(acked, published), (i, q)| {
+                        let done = progress
+                            .and_then(|p| p.get(i))
+                            .map_or(0, |p| p.acked_count(q.next_offset));
+                        (acked + done, published + q.next_offset)
+                    });
             Some(GroupInfo {
-                group: group.clone(),
-                topic: topic.clone(),
+                group: key.0.clone(),
+                topic: key.1.clone(),
                 acked,
                 backlog: published.saturating_sub(acked),
             })
         })
         .collect();
-    groups.sort_by(|a, b| (&a.topic, &a.group).cmp(&(&b.topic, &b.group)));
     Ok(Response::Groups(groups))
 }
 

@@ -9,9 +9,7 @@ pub mod producers;
 pub mod progress;
 
 use crate::metrics::Metrics;
-use crate::storage::{
-    Loaded, RecordRef, StorageError, Store, StoredId, TopicRecord, Writer,
-};
+use crate::storage::{Loaded, RecordRef, StorageError, Store, StoredId, TopicRecord, Writer};
 use command::{Batch, Command, Output};
 use escrow_proto::{
     ErrorCode, ErrorResponse, Position, ProducerSequence, QueueInfo, TopicInfo, MAX_QUEUES,
@@ -534,11 +532,19 @@ impl<'b> Applying<'_, 'b> {
         Ok(Output::Acked(moved))
     }
 
-    fn redrive(&mut self, group: &str, dead_letters: &[u64], origins: &[(String, u32, u64)]) -> Output {
+    fn redrive(
+        &mut self,
+        group: &str,
+        dead_letters: &[u64],
+        origins: &[(String, u32, u64)],
+    ) -> Output {
         let dlq = escrow_proto::dead_letter_topic(group);
         let mut redriven = 0;
         for (&dead, (topic, queue, offset)) in dead_letters.iter().zip(origins) {
-            if !matches!(self.ack(&dlq, REDRIVE_GROUP, &[(0, dead)]), Output::Acked(1)) {
+            if !matches!(
+                self.ack(&dlq, REDRIVE_GROUP, &[(0, dead)]),
+                Output::Acked(1)
+            ) {
                 continue;
             }
             let key = (group.to_string(), topic.clone());
