@@ -3,10 +3,14 @@
 //! ```text
 //! escrow-bench publish --size 1024 --count 200000 --window 256 --producers 1
 //! escrow-bench drain --consumers 4 --count 200000
+//! escrow-bench consume --consumers 4 --rate 5000 --count 50000
+//! escrow-bench outbox --database-url postgresql://postgres@127.0.0.1/postgres --rows 200000
 //! ```
 //! Reports msgs/s, MB/s, latency percentiles and the broker's fsync count; `--json FILE`
 //! writes the same as a machine-readable report.
 
+mod consume;
+mod outbox;
 mod report;
 mod scenarios;
 
@@ -53,6 +57,10 @@ enum Scenario {
     Publish(scenarios::PublishArgs),
     /// Consumer-group drain: receive and ack everything in a topic.
     Drain(scenarios::DrainArgs),
+    /// Live end to end: publish at a steady rate while push consumers handle the messages.
+    Consume(consume::ConsumeArgs),
+    /// Outbox relay: PostgreSQL outbox rows published into the broker and marked sent.
+    Outbox(outbox::OutboxArgs),
 }
 
 #[tokio::main]
@@ -62,6 +70,8 @@ async fn main() -> anyhow::Result<()> {
     let report = match cli.scenario {
         Scenario::Publish(args) => scenarios::publish(&client, args).await?,
         Scenario::Drain(args) => scenarios::drain(&client, args).await?,
+        Scenario::Consume(args) => consume::consume(&client, args).await?,
+        Scenario::Outbox(args) => outbox::outbox(&client, args).await?,
     };
     report.print();
     if let Some(path) = cli.json {

@@ -58,14 +58,14 @@ pub(crate) struct DrainArgs {
     batch: u32,
 }
 
-async fn broker_fsyncs(conn: &Client) -> anyhow::Result<u64> {
+pub(crate) async fn broker_fsyncs(conn: &Client) -> anyhow::Result<u64> {
     match conn.request(&Request::Stats).await? {
         Response::Stats(s) => Ok(s.fsyncs),
         other => Err(unexpected("stats", &other).into()),
     }
 }
 
-async fn ensure_topic(conn: &Client, topic: &str, queues: u32) -> anyhow::Result<()> {
+pub(crate) async fn ensure_topic(conn: &Client, topic: &str, queues: u32) -> anyhow::Result<()> {
     let create = Request::CreateTopic(CreateTopic {
         topic: topic.to_string(),
         queues,
