@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     /// Raft term the leases were granted in; a new term discards them.
     pub(crate) lease_term: AtomicU64,
     pub(crate) round_robin: AtomicU32,
+    /// Producer instances polling for transaction check-backs (leader-local).
+    pub(crate) checks: crate::txn::CheckRegistry,
     pub(crate) metrics: Arc<Metrics>,
     /// Request bytes being read or handled, node-wide (`max_in_flight_bytes`).
     pub(crate) in_flight_bytes: Arc<tokio::sync::Semaphore>,
@@ -248,9 +250,14 @@ impl Broker {
             leases: Mutex::new(HashMap::new()),
             lease_term: AtomicU64::new(0),
             round_robin: AtomicU32::new(0),
+            checks: crate::txn::CheckRegistry::default(),
             metrics,
             in_flight_bytes,
         });
+        tasks.push(tokio::spawn(crate::txn::check_back_loop(
+            shared.clone(),
+            shutdown_rx.clone(),
+        )));
         tasks.push(tokio::spawn(listener::serve(
             endpoint.clone(),
             shared.clone(),

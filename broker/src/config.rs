@@ -2,6 +2,7 @@
 
 use crate::raft::RaftTuning;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +63,41 @@ pub struct BrokerConfig {
     pub retry_backoff_ms: Vec<u64>,
     /// Furthest in the future a delayed message may be scheduled.
     pub max_delay_ms: u64,
+    /// Transaction check-back defaults (RocketMQ's: 6 s, 30 s, 15 checks).
+    pub txn: TxnSettings,
+    /// Per-topic overrides of `txn`, by topic name.
+    pub txn_topics: BTreeMap<String, TxnSettings>,
+    /// Most pending half messages; more are refused with `OVERLOADED`.
+    pub max_pending_txns: usize,
+}
+
+/// When and how often the leader checks back on a pending transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TxnSettings {
+    /// First check this long after the half message was stored (a message may ask for another).
+    pub first_check_ms: u64,
+    /// Then every this long.
+    pub check_interval_ms: u64,
+    /// After this many checks without a decision, the message is abandoned.
+    pub max_checks: u32,
+}
+
+impl Default for TxnSettings {
+    fn default() -> Self {
+        TxnSettings {
+            first_check_ms: 6_000,
+            check_interval_ms: 30_000,
+            max_checks: 15,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Check-back settings of a topic (its override, else the broker's).
+    pub fn txn_settings(&self, topic: &str) -> TxnSettings {
+        self.txn_topics.get(topic).copied().unwrap_or(self.txn)
+    }
 }
 
 impl Default for BrokerConfig {
@@ -221,6 +257,9 @@ impl BrokerConfig {
             .map(|s| s * 1000)
             .collect(),
             max_delay_ms: 7 * 24 * 60 * 60 * 1000,
+            txn: TxnSettings::default(),
+            txn_topics: BTreeMap::new(),
+            max_pending_txns: 100_000,
         }
     }
 
@@ -240,6 +279,11 @@ impl BrokerConfig {
         }
         if self.producer_idle_expiry_ms == 0 {
             return Err("producer_idle_expiry_ms must be positive".into());
+        }
+        for t in std::iter::once(&self.txn).chain(self.txn_topics.values()) {
+            if t.check_interval_ms == 0 || t.max_checks == 0 {
+                return Err("txn check_interval_ms and max_checks must be positive".into());
+            }
         }
         if self.max_deliveries == 0 {
             return Err("max_deliveries must be positive".into());

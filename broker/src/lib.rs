@@ -36,5 +36,6 @@ mod server;
 pub mod state;
 pub mod storage;
 pub mod tls;
+mod txn;
 
 pub use broker::{Broker, StartError};

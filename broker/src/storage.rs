@@ -10,6 +10,9 @@
 //! - `raft_meta`: `&str` -> bytes owned by the Raft adapter (last applied log id, membership).
 //! - `message_ids`: `(topic id, message id)` -> `(stored at, queue, offset)`: dedup by message id.
 //! - `message_ids_by_time`: `(stored at, topic id, message id)` -> `()`: expiry order of the above.
+//! - `txns`: transaction id -> `HalfRecord` (a pending half message, immutable).
+//! - `txn_schedule`: transaction id -> `(checks made, next check at)`.
+//! - `txn_outcomes`: transaction id -> `TxnState` (decided transactions, the latest million).
 
 use crate::state::producers::ProducerState;
 use crate::state::progress::QueueProgress;
@@ -24,10 +27,13 @@ const SEGMENTS: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("
 const PROGRESS: TableDefinition<(&str, u32, u32), &[u8]> = TableDefinition::new("group_progress");
 const PRODUCERS: TableDefinition<u64, &[u8]> = TableDefinition::new("producers");
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
-const MESSAGE_IDS: TableDefinition<(u32, &str), (u64, u32, u64)> =
+const MESSAGE_IDS: TableDefinition<(u32, &str), MessageIdValue> =
     TableDefinition::new("message_ids");
 const MESSAGE_IDS_BY_TIME: TableDefinition<(u64, u32, &str), ()> =
     TableDefinition::new("message_ids_by_time");
+const TXNS: TableDefinition<u64, &[u8]> = TableDefinition::new("txns");
+const TXN_SCHEDULE: TableDefinition<u64, (u32, u64)> = TableDefinition::new("txn_schedule");
+const TXN_OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("txn_outcomes");
 
 const SCHEMA_VERSION: u64 = 1;
 const VALUE_VERSION: u8 = 1;
@@ -35,6 +41,7 @@ const SEGMENT_HEADER_LEN: usize = 1 + 4 + 8;
 
 const META_SCHEMA: &str = "schema_version";
 const META_COMMIT_INDEX: &str = "applied_index";
+const META_NEXT_TXN: &str = "next_txn_id";
 
 /// A storage failure: fatal for the write that hit it.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +112,8 @@ pub struct Record {
 /// A record to store, borrowing its message from the log entry (no copy of the body).
 #[derive(Debug, Serialize)]
 pub struct RecordRef<'a> {
-    /// The message as published.
-    pub message: &'a Message,
+    /// The message as published (borrowed from the log entry when it can be).
+    pub message: std::borrow::Cow<'a, Message>,
     /// Producer id and this message's own sequence.
     pub producer: Option<ProducerSequence>,
 }
@@ -195,7 +202,31 @@ pub struct Loaded {
     pub progress: Vec<(String, u32, u32, QueueProgress)>,
     /// Idempotent-producer state.
     pub producers: Vec<(u64, ProducerState)>,
+    /// Pending transactions with their check schedule.
+    pub txns: Vec<(u64, HalfRecord, (u32, u64))>,
+    /// Id the next half message gets.
+    pub next_txn_id: u64,
 }
+
+/// A pending half message as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfRecord {
+    /// Topic it goes to when committed.
+    pub topic: String,
+    /// Queue it goes to (routed when it was sent).
+    pub queue: u32,
+    /// Producer group asked on check-back.
+    pub producer_group: String,
+    /// The producer instance that sent it.
+    pub instance: String,
+    /// The message.
+    pub message: Message,
+    /// When it was stored.
+    pub stored_at_ms: u64,
+}
+
+/// `(stored at, queue, offset)` of a remembered message id.
+type MessageIdValue = (u64, u32, u64);
 
 /// A whole state machine image, for Raft snapshots: every table's raw values.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -206,7 +237,10 @@ struct Image {
     progress: Vec<((String, u32, u32), Vec<u8>)>,
     producers: Vec<(u64, Vec<u8>)>,
     raft_meta: Vec<(String, Vec<u8>)>,
-    message_ids: Vec<((u32, String), (u64, u32, u64))>,
+    message_ids: Vec<((u32, String), MessageIdValue)>,
+    txns: Vec<(u64, Vec<u8>)>,
+    txn_schedule: Vec<(u64, (u32, u64))>,
+    txn_outcomes: Vec<(u64, Vec<u8>)>,
 }
 
 /// The broker's redb database.
@@ -237,6 +271,9 @@ impl Store {
             txn.open_table(RAFT_META)?;
             txn.open_table(MESSAGE_IDS)?;
             txn.open_table(MESSAGE_IDS_BY_TIME)?;
+            txn.open_table(TXNS)?;
+            txn.open_table(TXN_SCHEDULE)?;
+            txn.open_table(TXN_OUTCOMES)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -283,11 +320,21 @@ impl Store {
             let (id, value) = entry?;
             producers.push((id.value(), decode_value("producer", value.value())?));
         }
+        let schedule = txn.open_table(TXN_SCHEDULE)?;
+        let mut txns = Vec::new();
+        for entry in txn.open_table(TXNS)?.iter()? {
+            let (id, value) = entry?;
+            let id = id.value();
+            let when = schedule.get(id)?.map_or((0, 0), |v| v.value());
+            txns.push((id, decode_value("half message", value.value())?, when));
+        }
         Ok(Loaded {
             commit_index,
             topics,
             progress,
             producers,
+            txns,
+            next_txn_id: meta.get(META_NEXT_TXN)?.map_or(1, |v| v.value()),
         })
     }
 
@@ -343,6 +390,18 @@ impl Store {
             let (topic, id) = k.value();
             image.message_ids.push(((topic, id.to_string()), v.value()));
         }
+        for e in txn.open_table(TXNS)?.iter()? {
+            let (k, v) = e?;
+            image.txns.push((k.value(), v.value().to_vec()));
+        }
+        for e in txn.open_table(TXN_SCHEDULE)?.iter()? {
+            let (k, v) = e?;
+            image.txn_schedule.push((k.value(), v.value()));
+        }
+        for e in txn.open_table(TXN_OUTCOMES)?.iter()? {
+            let (k, v) = e?;
+            image.txn_outcomes.push((k.value(), v.value().to_vec()));
+        }
         Ok(encode_value(&image))
     }
 
@@ -358,6 +417,9 @@ impl Store {
         txn.delete_table(RAFT_META)?;
         txn.delete_table(MESSAGE_IDS)?;
         txn.delete_table(MESSAGE_IDS_BY_TIME)?;
+        txn.delete_table(TXNS)?;
+        txn.delete_table(TXN_SCHEDULE)?;
+        txn.delete_table(TXN_OUTCOMES)?;
         {
             let mut t = txn.open_table(META)?;
             for (k, v) in &image.meta {
@@ -389,6 +451,18 @@ impl Store {
                 ids.insert((*topic, id.as_str()), *stored)?;
                 by_time.insert((stored.0, *topic, id.as_str()), ())?;
             }
+            let mut t = txn.open_table(TXNS)?;
+            for (k, v) in &image.txns {
+                t.insert(*k, v.as_slice())?;
+            }
+            let mut t = txn.open_table(TXN_SCHEDULE)?;
+            for (k, v) in &image.txn_schedule {
+                t.insert(*k, *v)?;
+            }
+            let mut t = txn.open_table(TXN_OUTCOMES)?;
+            for (k, v) in &image.txn_outcomes {
+                t.insert(*k, v.as_slice())?;
+            }
         }
         txn.commit()?;
         Ok(())
@@ -399,6 +473,16 @@ impl Store {
         Ok(Writer {
             txn: self.db.begin_write()?,
         })
+    }
+
+    /// A pending half message.
+    pub fn read_half(&self, id: u64) -> Result<Option<HalfRecord>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TXNS)?;
+        match table.get(id)? {
+            Some(v) => Ok(Some(decode_value("half message", v.value())?)),
+            None => Ok(None),
+        }
     }
 
     /// Reads the records at `offsets` (ascending) of one queue, with their commit time.
@@ -580,6 +664,63 @@ impl Writer {
             ids.remove((*topic, id.as_str()))?;
         }
         Ok(doomed.len() as u64)
+    }
+
+    /// Stores a pending half message and its schedule, and the next transaction id.
+    pub fn put_half(
+        &mut self,
+        id: u64,
+        record: &HalfRecord,
+        schedule: (u32, u64),
+        next_txn_id: u64,
+    ) -> Result<(), StorageError> {
+        self.txn
+            .open_table(TXNS)?
+            .insert(id, encode_value(record).as_slice())?;
+        self.txn.open_table(TXN_SCHEDULE)?.insert(id, schedule)?;
+        self.txn
+            .open_table(META)?
+            .insert(META_NEXT_TXN, next_txn_id)?;
+        Ok(())
+    }
+
+    /// Updates a pending transaction's check schedule.
+    pub fn put_txn_schedule(&mut self, id: u64, schedule: (u32, u64)) -> Result<(), StorageError> {
+        self.txn.open_table(TXN_SCHEDULE)?.insert(id, schedule)?;
+        Ok(())
+    }
+
+    /// Removes a pending half message and returns it; records what stands instead.
+    /// Outcomes older than the latest `remembered` transactions are forgotten.
+    pub fn end_half<T: Serialize>(
+        &mut self,
+        id: u64,
+        outcome: &T,
+        remembered: u64,
+    ) -> Result<Option<HalfRecord>, StorageError> {
+        let record = match self.txn.open_table(TXNS)?.remove(id)? {
+            Some(v) => Some(decode_value("half message", v.value())?),
+            None => None,
+        };
+        self.txn.open_table(TXN_SCHEDULE)?.remove(id)?;
+        let mut outcomes = self.txn.open_table(TXN_OUTCOMES)?;
+        outcomes.insert(id, encode_value(outcome).as_slice())?;
+        let cutoff = id.saturating_sub(remembered);
+        if cutoff > 0 {
+            outcomes.retain_in(..cutoff, |_, _| false)?;
+        }
+        Ok(record)
+    }
+
+    /// What stands for an ended transaction, if remembered.
+    pub fn txn_outcome<T: for<'de> Deserialize<'de>>(
+        &self,
+        id: u64,
+    ) -> Result<Option<T>, StorageError> {
+        match self.txn.open_table(TXN_OUTCOMES)?.get(id)? {
+            Some(v) => Ok(Some(decode_value("transaction outcome", v.value())?)),
+            None => Ok(None),
+        }
     }
 
     /// Stores a value for the Raft adapter.

@@ -229,10 +229,15 @@ async fn ack_in_batches(
             Ok(r) => {
                 counters.acked.fetch_add(u64::from(r.applied), Relaxed);
                 if !r.rejected.is_empty() {
-                    tracing::warn!(rejected = r.rejected.len(), "acks refused; those messages will be redelivered");
+                    tracing::warn!(
+                        rejected = r.rejected.len(),
+                        "acks refused; those messages will be redelivered"
+                    );
                 }
             }
-            Err(e) => tracing::warn!(error = %e, count = batch.len(), "ack failed; the messages will be redelivered"),
+            Err(e) => {
+                tracing::warn!(error = %e, count = batch.len(), "ack failed; the messages will be redelivered")
+            }
         }
         batch.clear();
     }

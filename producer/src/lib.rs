@@ -31,6 +31,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod txn;
+
 use escrow_client::{unexpected, Client, ClientConfig, ClientError};
 use escrow_proto::{
     Durability, ErrorCode, ErrorResponse, Message, Position, ProducerSequence, Publish, Request,
@@ -151,7 +153,7 @@ struct Queued {
     _window: OwnedSemaphorePermit,
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
         // No OS randomness: fall back to the clock and pid, still unique enough per process.

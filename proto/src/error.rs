@@ -57,6 +57,10 @@ codes! {
     /// The receipt handle does not match a lease this consumer group holds
     /// (the message was acked already, or its lease went to another consumer).
     RECEIPT_STALE = 202;
+    /// No transaction with that id is pending or remembered.
+    TXN_UNKNOWN = 203;
+    /// The transaction was already decided the other way; the first decision stands.
+    TXN_CONFLICT = 204;
     /// This node is not the leader; the error carries the leader's address when known.
     NOT_LEADER = 300;
     /// Durable storage failed; the request was not applied.

@@ -32,6 +32,7 @@ pub use message::{
     dead_letter_topic, is_reserved, validate_group, validate_name, Delivery, Message, Position,
     ReceiptHandle,
 };
+pub mod txn;
 pub use request::*;
 pub use response::*;
 

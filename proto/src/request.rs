@@ -54,6 +54,17 @@ pub enum Request {
         /// Most entries to redrive.
         max: u32,
     },
+    /// Store a transactional half message.
+    SendHalf(crate::txn::SendHalf),
+    /// Commit, roll back, or report a transaction unknown.
+    EndTxn(crate::txn::EndTxn),
+    /// Wait for check-backs addressed to this producer instance.
+    PollChecks(crate::txn::PollChecks),
+    /// Pending transactions.
+    ListTxns {
+        /// Most to list.
+        max: u32,
+    },
 }
 
 /// Cluster administration.
@@ -103,6 +114,10 @@ impl Request {
             Request::GroupLag { .. } => "group_lag",
             Request::DlqList { .. } => "dlq_list",
             Request::DlqRedrive { .. } => "dlq_redrive",
+            Request::SendHalf(_) => "send_half",
+            Request::EndTxn(_) => "end_txn",
+            Request::PollChecks(_) => "poll_checks",
+            Request::ListTxns { .. } => "list_txns",
         }
     }
 }

@@ -37,6 +37,14 @@ pub enum Response {
     DeadLetters(Vec<DeadLetter>),
     /// This many dead letters were redriven.
     Redriven(u32),
+    /// A half message is stored.
+    HalfSent(crate::txn::HalfSent),
+    /// What stands for a transaction after `EndTxn`.
+    TxnEnded(crate::txn::TxnOutcome),
+    /// Check-backs for this producer (possibly none after the wait).
+    Checks(Vec<crate::txn::TxnCheck>),
+    /// Pending transactions.
+    Txns(Vec<crate::txn::TxnInfo>),
 }
 
 /// A consumer group with progress on a topic.

@@ -123,6 +123,7 @@ pub struct TestCluster {
     pub filter: std::sync::Arc<escrow_broker::raft::filter::NetworkFilter>,
     /// Raft settings every node starts with.
     pub tuning: escrow_broker::raft::RaftTuning,
+    configure: fn(&mut BrokerConfig),
 }
 
 impl std::fmt::Debug for TestCluster {
@@ -149,6 +150,15 @@ impl TestCluster {
         total: usize,
         tuning: escrow_broker::raft::RaftTuning,
     ) -> anyhow::Result<TestCluster> {
+        TestCluster::new_with(total, tuning, |_| {}).await
+    }
+
+    /// As [`TestCluster::new`], with `configure` adjusting every node's configuration.
+    pub async fn new_with(
+        total: usize,
+        tuning: escrow_broker::raft::RaftTuning,
+        configure: fn(&mut BrokerConfig),
+    ) -> anyhow::Result<TestCluster> {
         init_logging();
         let mut cluster = TestCluster {
             nodes: Vec::new(),
@@ -157,6 +167,7 @@ impl TestCluster {
             ca_dir: tempfile::tempdir()?,
             filter: Default::default(),
             tuning,
+            configure,
         };
         for i in 0..total {
             cluster.dirs.push(tempfile::tempdir()?);
@@ -220,6 +231,7 @@ impl TestCluster {
         config.node_id = i as u64 + 1;
         config.bootstrap = i == 0;
         config.raft = self.tuning.clone();
+        (self.configure)(&mut config);
         let broker = Broker::start_with_filter(config, self.filter.clone()).await?;
         self.addrs[i] = (broker.local_addr(), broker.raft_addr());
         self.nodes[i] = Some(broker);

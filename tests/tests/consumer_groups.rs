@@ -103,11 +103,18 @@ async fn every_group_gets_everything_and_a_group_shares_the_work() -> anyhow::Re
             let (running, handled) = (running.clone(), handled.clone());
             async move {
                 let id = d.message.id;
-                let fresh = running.lock().map_err(|e| e.to_string())?.insert(id.clone());
+                let fresh = running
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .insert(id.clone());
                 assert!(fresh, "{id} handled by two consumers at once");
                 tokio::time::sleep(Duration::from_micros(jitter(d.position.offset) % 500)).await;
                 running.lock().map_err(|e| e.to_string())?.remove(&id);
-                *handled.lock().map_err(|e| e.to_string())?.entry(id).or_default() += 1;
+                *handled
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .entry(id)
+                    .or_default() += 1;
                 Ok(())
             }
         }
@@ -167,7 +174,10 @@ async fn unacked_messages_return_counted_then_dead_letter_and_redrive() -> anyho
     // "fine" is acked at once; "poison" is never acked.
     let first = consumer.receive(10, invisible, wait).await?;
     assert_eq!(first.len(), 2);
-    let fine = first.iter().find(|d| d.message.id == "fine").map(|d| d.receipt);
+    let fine = first
+        .iter()
+        .find(|d| d.message.id == "fine")
+        .map(|d| d.receipt);
     consumer.ack(&fine.into_iter().collect::<Vec<_>>()).await?;
     let mut counts = vec![first
         .iter()
@@ -187,8 +197,13 @@ async fn unacked_messages_return_counted_then_dead_letter_and_redrive() -> anyho
     assert_eq!(counts, [Some(1), Some(2), Some(3)]);
 
     // Out of deliveries: the next expiry moves it to the dead-letter topic.
-    let after = consumer.receive(10, invisible, Duration::from_secs(1)).await?;
-    assert!(after.is_empty(), "a message past max_deliveries is not delivered: {after:?}");
+    let after = consumer
+        .receive(10, invisible, Duration::from_secs(1))
+        .await?;
+    assert!(
+        after.is_empty(),
+        "a message past max_deliveries is not delivered: {after:?}"
+    );
     let letters = match client
         .request(&Request::DlqList {
             group: "g".into(),
@@ -274,7 +289,10 @@ async fn fifo_message_groups_are_handled_in_order_one_at_a_time() -> anyhow::Res
                 let seq: usize = String::from_utf8_lossy(&d.message.body)
                     .parse()
                     .map_err(|e| format!("{e}"))?;
-                let fresh = busy.lock().map_err(|e| e.to_string())?.insert(group.clone());
+                let fresh = busy
+                    .lock()
+                    .map_err(|e| e.to_string())?
+                    .insert(group.clone());
                 assert!(fresh, "two messages of {group} handled at once");
                 tokio::time::sleep(Duration::from_micros(jitter(d.position.offset) % 2000)).await;
                 order
@@ -327,7 +345,10 @@ async fn delayed_messages_are_not_received_before_their_time() -> anyhow::Result
         .receive(10, Duration::from_secs(30), Duration::from_millis(200))
         .await?;
     assert_eq!(
-        first.iter().map(|d| d.message.id.as_str()).collect::<Vec<_>>(),
+        first
+            .iter()
+            .map(|d| d.message.id.as_str())
+            .collect::<Vec<_>>(),
         ["now"]
     );
     // A long poll wakes when the delayed message comes due, not before.
@@ -337,8 +358,15 @@ async fn delayed_messages_are_not_received_before_their_time() -> anyhow::Result
     let received_at = escrow_client::now_ms();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message.id, "later");
-    assert!(received_at >= due, "received {} ms early", due - received_at);
-    assert!(received_at < due + 1000, "the long poll slept past the due time");
+    assert!(
+        received_at >= due,
+        "received {} ms early",
+        due - received_at
+    );
+    assert!(
+        received_at < due + 1000,
+        "the long poll slept past the due time"
+    );
 
     // Beyond the maximum delay is refused.
     let mut far = Message::new("far", b"z".to_vec());

@@ -8,6 +8,7 @@ mod receive;
 mod send;
 mod serve;
 mod topic;
+mod txn;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -69,6 +70,9 @@ enum Command {
     /// Dead letters: list, redrive.
     #[command(subcommand)]
     Dlq(group::DlqCommand),
+    /// Transactions: list pending half messages, commit or roll one back.
+    #[command(subcommand)]
+    Txn(txn::TxnCommand),
     /// Print the broker's counters (fsyncs, messages, connections) as JSON.
     Stats,
 }
@@ -116,6 +120,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Receive(args) => receive::run(&cli.conn, args).await,
         Command::Group(cmd) => group::run_group(&cli.conn, cmd).await,
         Command::Dlq(cmd) => group::run_dlq(&cli.conn, cmd).await,
+        Command::Txn(cmd) => txn::run(&cli.conn, cmd).await,
         Command::Stats => {
             let conn = cli.conn.connect().await?;
             match conn.request(&escrow_proto::Request::Stats).await? {

@@ -65,7 +65,7 @@ pub(super) async fn handle(shared: &Shared, publish: Publish) -> Reply {
 }
 
 /// Queue for a message: by message group, else by key, else `spread`.
-fn route(message: &Message, queues: u32, spread: u32) -> u32 {
+pub(crate) fn route(message: &Message, queues: u32, spread: u32) -> u32 {
     match message.message_group.as_ref().or(message.key.as_ref()) {
         Some(key) => (fnv1a(key.as_bytes()) % u64::from(queues)) as u32,
         None => spread,

@@ -94,7 +94,7 @@ async fn handle_stream(
             .map_err(|_| StreamError::Io("shutting down".into()))?;
         Ok(Some((read_body(&mut recv, len).await?, budget)))
     };
-    let response = match read.await {
+    let (response, checks) = match read.await {
         Ok(Some((payload, _budget))) => match frame::decode::<Request>(&payload) {
             Ok(request) => {
                 let span = tracing::debug_span!("request", kind = request.kind());
@@ -104,25 +104,41 @@ async fn handle_stream(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "undecodable request");
-                Response::Error(e.into())
+                (Response::Error(e.into()), None)
             }
         },
-        Ok(None) => Response::Error(ErrorResponse::new(
-            ErrorCode::MALFORMED,
-            "stream ended before a request frame",
-        )),
+        Ok(None) => (
+            Response::Error(ErrorResponse::new(
+                ErrorCode::MALFORMED,
+                "stream ended before a request frame",
+            )),
+            None,
+        ),
         Err(StreamError::Frame(e)) => {
             tracing::debug!(error = %e, "bad frame");
             // Tell the peer to stop sending the rest of an oversized or broken frame.
             let _ = recv.stop(0u32.into());
-            Response::Error(e.into())
+            (Response::Error(e.into()), None)
         }
         Err(StreamError::Io(e)) => {
             tracing::debug!(error = %e, "stream failed");
             return;
         }
     };
-    if let Err(e) = write_frame(&mut send, &response, MAX_FRAME_LEN).await {
+    let written = write_frame(&mut send, &response, MAX_FRAME_LEN).await;
+    if let Err(e) = &written {
         tracing::debug!(error = %e, "could not send response");
     }
+    if let Some(checks) = checks {
+        // A check counts only once the producer's side acknowledged receiving it.
+        let delivered = written.is_ok()
+            && matches!(
+                tokio::time::timeout(DELIVERY_TIMEOUT, send.stopped()).await,
+                Ok(Ok(None))
+            );
+        commands::checks_delivered(&shared, checks, delivered).await;
+    }
 }
+
+/// How long a response carrying check-backs may take to be acknowledged by the producer.
+const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -1,5 +1,6 @@
 //! Commands: every change of replicated state is one of these, applied in log order.
 
+use escrow_proto::txn::TxnState;
 use escrow_proto::{ErrorResponse, Message, Position, ProducerSequence, TopicInfo};
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,45 @@ pub enum Command {
         /// Origin `(topic, queue, offset)` of each dead letter.
         origins: Vec<(String, u32, u64)>,
     },
+    /// Store a half message, invisible until committed.
+    SendHalf {
+        /// Topic, routed queue, group, instance, message.
+        half: Box<HalfMessage>,
+        /// When the first check-back is due.
+        first_check_at_ms: u64,
+    },
+    /// Commit or roll back a pending transaction (the first decision stands).
+    EndTxn {
+        /// The transaction.
+        txn_id: u64,
+        /// `Commit` or `Rollback`.
+        commit: bool,
+    },
+    /// Check-backs were sent: count them and schedule the next ones.
+    TxnChecked {
+        /// `(transaction, next check at)`.
+        checks: Vec<(u64, u64)>,
+    },
+    /// Transactions out of checks: move them to the abandoned topic, never delivered.
+    AbandonTxns {
+        /// The transactions.
+        txn_ids: Vec<u64>,
+    },
+}
+
+/// A half message in a `SendHalf` command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfMessage {
+    /// Topic it goes to when committed.
+    pub topic: String,
+    /// Queue, routed by the leader.
+    pub queue: u32,
+    /// Producer group asked on check-back.
+    pub producer_group: String,
+    /// The sending producer instance.
+    pub instance: String,
+    /// The message.
+    pub message: Message,
 }
 
 /// The result of applying one command.
@@ -94,4 +134,8 @@ pub enum Output {
     Expired(u32),
     /// The command was refused and changed nothing (deterministically, on every node).
     Rejected(ErrorResponse),
+    /// A half message was stored as this transaction.
+    HalfStored(u64),
+    /// What stands for a transaction.
+    TxnEnded(TxnState),
 }

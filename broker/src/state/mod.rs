@@ -9,17 +9,66 @@ pub mod producers;
 pub mod progress;
 
 use crate::metrics::Metrics;
-use crate::storage::{Loaded, RecordRef, StorageError, Store, StoredId, TopicRecord, Writer};
-use command::{Batch, Command, Output};
+use crate::storage::{
+    HalfRecord, Loaded, RecordRef, StorageError, Store, StoredId, TopicRecord, Writer,
+};
+use command::{Batch, Command, HalfMessage, Output};
+use escrow_proto::txn::TxnState;
 use escrow_proto::{
     ErrorCode, ErrorResponse, Position, ProducerSequence, QueueInfo, TopicInfo, MAX_QUEUES,
 };
 use producers::{ProducerState, Seen};
 use progress::QueueProgress;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
+
+/// Decided transactions remembered for late or conflicting `EndTxn` (by id, the latest).
+const REMEMBERED_OUTCOMES: u64 = 1_000_000;
+
+fn describe(state: TxnState) -> &'static str {
+    match state {
+        TxnState::Pending => "pending",
+        TxnState::Committed(_) => "committed",
+        TxnState::RolledBack => "rolled back",
+        TxnState::Abandoned => "abandoned after its checks",
+    }
+}
+
+/// A pending transaction as the read view holds it (the message stays on disk).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingTxn {
+    /// Topic it goes to when committed.
+    pub topic: String,
+    /// Producer group asked on check-back.
+    pub producer_group: String,
+    /// The sending producer instance.
+    pub instance: String,
+    /// The message id.
+    pub message_id: String,
+    /// When it was stored.
+    pub stored_at_ms: u64,
+    /// Check-backs made.
+    pub checks: u32,
+    /// When the next check-back is due.
+    pub next_check_at_ms: u64,
+}
+
+impl PendingTxn {
+    fn new(record: &HalfRecord, (checks, next_check_at_ms): (u32, u64)) -> PendingTxn {
+        PendingTxn {
+            topic: record.topic.clone(),
+            producer_group: record.producer_group.clone(),
+            instance: record.instance.clone(),
+            message_id: record.message.id.clone(),
+            stored_at_ms: record.stored_at_ms,
+            checks,
+            next_check_at_ms,
+        }
+    }
+}
 
 /// The reserved group whose acks on a dead-letter topic mark entries redriven.
 pub const REDRIVE_GROUP: &str = "%redriven%";
@@ -63,6 +112,10 @@ pub struct Index {
     pub progress: HashMap<GroupTopic, Vec<QueueProgress>>,
     /// Idempotent producers by id.
     pub producers: HashMap<u64, ProducerState>,
+    /// Pending transactions by id.
+    pub txns: BTreeMap<u64, PendingTxn>,
+    /// Id the next half message gets.
+    pub next_txn_id: u64,
 }
 
 impl Index {
@@ -70,6 +123,12 @@ impl Index {
         let mut index = Index {
             commit_index: loaded.commit_index,
             producers: loaded.producers.into_iter().collect(),
+            txns: loaded
+                .txns
+                .iter()
+                .map(|(id, record, schedule)| (*id, PendingTxn::new(record, *schedule)))
+                .collect(),
+            next_txn_id: loaded.next_txn_id,
             ..Index::default()
         };
         let mut names = HashMap::new();
@@ -111,6 +170,7 @@ struct Touched {
     topics: HashSet<String>,
     progress: HashSet<GroupTopic>,
     producers: HashSet<u64>,
+    txns: HashSet<u64>,
     messages: u64,
     bytes: u64,
     commands: u64,
@@ -144,6 +204,17 @@ pub struct StateMachine {
     store: Arc<Store>,
     index: Index,
     published: Option<Published>,
+    /// Pending transactions by `(producer group, message id)`: a retried `SendHalf`
+    /// (its answer lost) gets the first one's id instead of a second transaction.
+    half_ids: HashMap<(String, String), u64>,
+}
+
+fn half_ids(index: &Index) -> HashMap<(String, String), u64> {
+    index
+        .txns
+        .iter()
+        .map(|(id, t)| ((t.producer_group.clone(), t.message_id.clone()), *id))
+        .collect()
 }
 
 impl StateMachine {
@@ -152,6 +223,7 @@ impl StateMachine {
         let index = Index::from_loaded(store.load()?);
         Ok(StateMachine {
             store,
+            half_ids: half_ids(&index),
             index,
             published: None,
         })
@@ -188,6 +260,7 @@ impl StateMachine {
     pub fn install(&mut self, image: &[u8]) -> Result<(), StorageError> {
         self.store.import(image)?;
         self.index = Index::from_loaded(self.store.load()?);
+        self.half_ids = half_ids(&self.index);
         if let Some(p) = &self.published {
             *p.view.write().unwrap_or_else(|e| e.into_inner()) = self.index.clone();
             p.commits.send_replace(self.index.commit_index);
@@ -262,6 +335,15 @@ impl<'b> Applying<'_, 'b> {
                     dead_letters,
                     origins,
                 } => self.redrive(group, dead_letters, origins),
+                Command::SendHalf {
+                    half,
+                    first_check_at_ms,
+                } => self.send_half(batch.at_ms, half, *first_check_at_ms)?,
+                Command::EndTxn { txn_id, commit } => {
+                    self.end_txn(batch.at_ms, *txn_id, *commit)?
+                }
+                Command::TxnChecked { checks } => self.txn_checked(checks)?,
+                Command::AbandonTxns { txn_ids } => self.abandon_txns(batch.at_ms, txn_ids)?,
             };
             outputs.push(output);
         }
@@ -320,6 +402,13 @@ impl<'b> Applying<'_, 'b> {
                     view.progress.insert(key.clone(), p.clone());
                 }
             }
+            for id in &touched.txns {
+                match index.txns.get(id) {
+                    Some(t) => view.txns.insert(*id, t.clone()),
+                    None => view.txns.remove(id),
+                };
+            }
+            view.next_txn_id = index.next_txn_id;
         }
         let m = &published.metrics;
         if durable {
@@ -444,7 +533,7 @@ impl<'b> Applying<'_, 'b> {
                 .entry((state.id, *queue))
                 .or_insert_with(|| (offset, at_ms, Vec::new()));
             segment.push(RecordRef {
-                message,
+                message: Cow::Borrowed(message),
                 producer: producer.map(|p| ProducerSequence {
                     producer_id: p.producer_id,
                     first_sequence: p.first_sequence + i as u64,
@@ -562,6 +651,177 @@ impl<'b> Applying<'_, 'b> {
             redriven += 1;
         }
         Output::Acked(redriven)
+    }
+
+    /// Appends one message the log entry does not hold (a committed half message).
+    fn append_owned(
+        &mut self,
+        at_ms: u64,
+        topic: &str,
+        queue: u32,
+        message: escrow_proto::Message,
+    ) -> Option<Position> {
+        let state = self.machine.index.topics.get_mut(topic)?;
+        let q = state.queues.get_mut(queue as usize)?;
+        let offset = q.next_offset;
+        q.next_offset += 1;
+        self.touched.bytes += message.body.len() as u64;
+        self.touched.messages += 1;
+        self.touched.topics.insert(topic.to_string());
+        let (_, _, segment) = self
+            .segments
+            .entry((state.id, queue))
+            .or_insert_with(|| (offset, at_ms, Vec::new()));
+        segment.push(RecordRef {
+            message: Cow::Owned(message),
+            producer: None,
+        });
+        Some(Position { queue, offset })
+    }
+
+    fn send_half(
+        &mut self,
+        at_ms: u64,
+        half: &HalfMessage,
+        first_check_at_ms: u64,
+    ) -> Result<Output, StorageError> {
+        let index = &mut self.machine.index;
+        let Some(state) = index.topics.get(&half.topic) else {
+            return Ok(Output::Rejected(unknown_topic(&half.topic)));
+        };
+        if half.queue as usize >= state.queues.len() {
+            return Ok(Output::Rejected(ErrorResponse::new(
+                ErrorCode::INVALID_ARGUMENT,
+                format!(
+                    "queue {} out of range for topic {:?}",
+                    half.queue, half.topic
+                ),
+            )));
+        }
+        let key = (half.producer_group.clone(), half.message.id.clone());
+        if let Some(id) = self.machine.half_ids.get(&key) {
+            return Ok(Output::HalfStored(*id));
+        }
+        let id = index.next_txn_id;
+        index.next_txn_id += 1;
+        self.machine.half_ids.insert(key, id);
+        let record = HalfRecord {
+            topic: half.topic.clone(),
+            queue: half.queue,
+            producer_group: half.producer_group.clone(),
+            instance: half.instance.clone(),
+            message: half.message.clone(),
+            stored_at_ms: at_ms,
+        };
+        let schedule = (0, first_check_at_ms);
+        self.writer
+            .put_half(id, &record, schedule, index.next_txn_id)?;
+        index.txns.insert(id, PendingTxn::new(&record, schedule));
+        self.touched.txns.insert(id);
+        Ok(Output::HalfStored(id))
+    }
+
+    /// Removes a pending transaction from the index.
+    fn forget_pending(&mut self, txn_id: u64) -> Option<PendingTxn> {
+        let pending = self.machine.index.txns.remove(&txn_id)?;
+        self.machine
+            .half_ids
+            .remove(&(pending.producer_group.clone(), pending.message_id.clone()));
+        self.touched.txns.insert(txn_id);
+        Some(pending)
+    }
+
+    fn end_txn(&mut self, at_ms: u64, txn_id: u64, commit: bool) -> Result<Output, StorageError> {
+        if self.forget_pending(txn_id).is_none() {
+            // Decided before: the same decision is answered again, a different one refused.
+            let Some(state) = self.writer.txn_outcome::<TxnState>(txn_id)? else {
+                return Ok(Output::Rejected(ErrorResponse::new(
+                    ErrorCode::TXN_UNKNOWN,
+                    format!("transaction {txn_id} is neither pending nor remembered"),
+                )));
+            };
+            return Ok(match (state, commit) {
+                (TxnState::Committed(_), true) | (TxnState::RolledBack, false) => {
+                    Output::TxnEnded(state)
+                }
+                _ => Output::Rejected(ErrorResponse::new(
+                    ErrorCode::TXN_CONFLICT,
+                    format!(
+                        "transaction {txn_id} was already {}; that decision stands",
+                        describe(state)
+                    ),
+                )),
+            });
+        }
+        // The outcome is written first with a placeholder position, then corrected below.
+        let Some(record) =
+            self.writer
+                .end_half(txn_id, &TxnState::RolledBack, REMEMBERED_OUTCOMES)?
+        else {
+            return Err(StorageError::Corrupt {
+                what: "half message",
+                detail: format!("transaction {txn_id} is pending but not stored"),
+            });
+        };
+        if !commit {
+            return Ok(Output::TxnEnded(TxnState::RolledBack));
+        }
+        let state = match self.append_owned(at_ms, &record.topic, record.queue, record.message) {
+            Some(position) => TxnState::Committed(position),
+            // Its topic is gone (topics are never deleted today): nothing to commit into.
+            None => TxnState::RolledBack,
+        };
+        self.writer.end_half(txn_id, &state, REMEMBERED_OUTCOMES)?;
+        Ok(Output::TxnEnded(state))
+    }
+
+    fn txn_checked(&mut self, checks: &[(u64, u64)]) -> Result<Output, StorageError> {
+        let mut counted = 0;
+        for &(id, next_check_at_ms) in checks {
+            if let Some(txn) = self.machine.index.txns.get_mut(&id) {
+                txn.checks += 1;
+                txn.next_check_at_ms = next_check_at_ms;
+                self.writer
+                    .put_txn_schedule(id, (txn.checks, next_check_at_ms))?;
+                self.touched.txns.insert(id);
+                counted += 1;
+            }
+        }
+        Ok(Output::Acked(counted))
+    }
+
+    fn abandon_txns(&mut self, at_ms: u64, txn_ids: &[u64]) -> Result<Output, StorageError> {
+        let topic = escrow_proto::txn::ABANDONED_TOPIC;
+        let mut moved = 0;
+        for &id in txn_ids {
+            let Some(pending) = self.forget_pending(id) else {
+                continue;
+            };
+            if !self.machine.index.topics.contains_key(topic) {
+                if let Output::Rejected(e) = self.create_topic(at_ms, topic, 1)? {
+                    return Ok(Output::Rejected(e));
+                }
+            }
+            let Some(record) =
+                self.writer
+                    .end_half(id, &TxnState::Abandoned, REMEMBERED_OUTCOMES)?
+            else {
+                continue;
+            };
+            let mut message = record.message;
+            for (name, value) in [
+                ("escrow-txn-id", id.to_string()),
+                ("escrow-txn-topic", record.topic),
+                ("escrow-txn-producer-group", record.producer_group),
+                ("escrow-txn-checks", pending.checks.to_string()),
+            ] {
+                message.headers.insert(name.to_string(), value);
+            }
+            message.deliver_at_ms = None;
+            self.append_owned(at_ms, topic, 0, message);
+            moved += 1;
+        }
+        Ok(Output::Acked(moved))
     }
 
     fn expire_producers(&mut self, idle_before_ms: u64) -> Result<Output, StorageError> {
@@ -810,5 +1070,104 @@ mod tests {
         );
         let after = sm.apply(6, &at(40, vec![ids(&["a", "b", "c"])])).unwrap();
         assert_eq!(after, vec![Output::Appended(vec![pos(3), pos(4), pos(2)])]);
+    }
+
+    #[test]
+    fn transactions_are_decided_once_and_survive_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let at = |at_ms, commands| Batch { at_ms, commands };
+        let half = |id: &str| Command::SendHalf {
+            half: Box::new(HalfMessage {
+                topic: "t".into(),
+                queue: 0,
+                producer_group: "pg".into(),
+                instance: "i1".into(),
+                message: Message::new(id, b"x".to_vec()),
+            }),
+            first_check_at_ms: 100,
+        };
+        let create = Command::CreateTopic {
+            name: "t".into(),
+            queues: 1,
+        };
+        let out = sm
+            .apply(1, &at(10, vec![create, half("a"), half("b"), half("a")]))
+            .unwrap();
+        assert_eq!(
+            out[1..],
+            [
+                Output::HalfStored(1),
+                Output::HalfStored(2),
+                Output::HalfStored(1)
+            ]
+        );
+        assert_eq!(
+            sm.index().topics["t"].queues[0].next_offset,
+            0,
+            "half messages are invisible"
+        );
+
+        let end = |txn_id, commit| Command::EndTxn { txn_id, commit };
+        let out = sm
+            .apply(
+                2,
+                &at(
+                    20,
+                    vec![end(1, true), end(1, true), end(1, false), end(9, true)],
+                ),
+            )
+            .unwrap();
+        let committed = Output::TxnEnded(TxnState::Committed(Position {
+            queue: 0,
+            offset: 0,
+        }));
+        assert_eq!(out[0], committed);
+        assert_eq!(
+            out[1], committed,
+            "the same decision again is answered the same"
+        );
+        assert!(matches!(&out[2], Output::Rejected(e) if e.code == ErrorCode::TXN_CONFLICT));
+        assert!(matches!(&out[3], Output::Rejected(e) if e.code == ErrorCode::TXN_UNKNOWN));
+        assert_eq!(sm.index().topics["t"].queues[0].next_offset, 1);
+
+        // Checks counted and scheduled; a snapshot carries them.
+        sm.apply(
+            3,
+            &at(
+                30,
+                vec![Command::TxnChecked {
+                    checks: vec![(2, 500), (1, 500)],
+                }],
+            ),
+        )
+        .unwrap();
+        assert_eq!(sm.index().txns[&2].checks, 1);
+        let image = sm.store().export(sm.store().freeze().unwrap()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let mut twin = open(other.path());
+        twin.install(&image).unwrap();
+        assert_eq!(twin.index().txns, sm.index().txns);
+        assert_eq!(twin.index().next_txn_id, 3);
+
+        let out = twin
+            .apply(
+                4,
+                &at(
+                    40,
+                    vec![Command::AbandonTxns { txn_ids: vec![2] }, end(2, true)],
+                ),
+            )
+            .unwrap();
+        assert_eq!(out[0], Output::Acked(1));
+        assert!(matches!(&out[1], Output::Rejected(e) if e.code == ErrorCode::TXN_CONFLICT));
+        let abandoned = &twin.index().topics[escrow_proto::txn::ABANDONED_TOPIC];
+        assert_eq!(abandoned.queues[0].next_offset, 1);
+        assert_eq!(
+            twin.index().topics["t"].queues[0].next_offset,
+            1,
+            "never delivered"
+        );
+        assert!(twin.index().txns.is_empty());
     }
 }
