@@ -4,6 +4,7 @@
 //! escrow-bench publish --size 1024 --count 200000 --window 256 --producers 1
 //! escrow-bench drain --consumers 4 --count 200000
 //! escrow-bench consume --consumers 4 --rate 5000 --count 50000
+//! escrow-bench txn --window 256 --count 50000
 //! escrow-bench outbox --database-url postgresql://postgres@127.0.0.1/postgres --rows 200000
 //! ```
 //! Reports msgs/s, MB/s, latency percentiles and the broker's fsync count; `--json FILE`
@@ -13,6 +14,7 @@ mod consume;
 mod outbox;
 mod report;
 mod scenarios;
+mod txn;
 
 use clap::{Args, Parser, Subcommand};
 use escrow_client::{defaults, ClientConfig};
@@ -59,6 +61,8 @@ enum Scenario {
     Drain(scenarios::DrainArgs),
     /// Live end to end: publish at a steady rate while push consumers handle the messages.
     Consume(consume::ConsumeArgs),
+    /// Transactional publishing: half message + commit each, many in flight.
+    Txn(txn::TxnArgs),
     /// Outbox relay: PostgreSQL outbox rows published into the broker and marked sent.
     Outbox(outbox::OutboxArgs),
 }
@@ -71,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Publish(args) => scenarios::publish(&client, args).await?,
         Scenario::Drain(args) => scenarios::drain(&client, args).await?,
         Scenario::Consume(args) => consume::consume(&client, args).await?,
+        Scenario::Txn(args) => txn::txn(&client, args).await?,
         Scenario::Outbox(args) => outbox::outbox(&client, args).await?,
     };
     report.print();

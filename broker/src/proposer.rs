@@ -58,6 +58,35 @@ impl Proposer {
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
+
+    /// Proposes several commands as one group, applied together in one log entry, and
+    /// answers each.
+    pub async fn propose_all(
+        &self,
+        commands: Vec<Command>,
+    ) -> Vec<Result<Committed, ErrorResponse>> {
+        let count = commands.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        match self.propose(Command::Each(commands)).await {
+            Ok(Committed {
+                output: Output::Each(outputs),
+                durability,
+            }) if outputs.len() == count => outputs
+                .into_iter()
+                .map(|output| Ok(Committed { output, durability }))
+                .collect(),
+            Ok(other) => {
+                let e = ErrorResponse::new(
+                    ErrorCode::INTERNAL,
+                    format!("unexpected output of a command group: {:?}", other.output),
+                );
+                (0..count).map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => (0..count).map(|_| Err(e.clone())).collect(),
+        }
+    }
 }
 
 fn stopped() -> ErrorResponse {
@@ -67,6 +96,8 @@ fn stopped() -> ErrorResponse {
 fn body_bytes(command: &Command) -> usize {
     match command {
         Command::Append { records, .. } => records.iter().map(|(_, m)| m.body.len()).sum(),
+        Command::SendHalf { half, .. } => half.message.body.len(),
+        Command::Each(commands) => commands.iter().map(body_bytes).sum(),
         _ => 0,
     }
 }

@@ -36,6 +36,9 @@ const TXN_SCHEDULE: TableDefinition<u64, (u32, u64)> = TableDefinition::new("txn
 const TXN_OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("txn_outcomes");
 
 const SCHEMA_VERSION: u64 = 1;
+/// redb page cache of the state machine (redb's default, 1 GiB per file, would let
+/// three dev nodes in one process grow to gigabytes).
+const STATE_CACHE_BYTES: usize = 256 * 1024 * 1024;
 const VALUE_VERSION: u8 = 1;
 const SEGMENT_HEADER_LEN: usize = 1 + 4 + 8;
 
@@ -252,7 +255,9 @@ pub struct Store {
 impl Store {
     /// Opens or creates the database at `path`, creating tables and checking the schema version.
     pub fn open(path: &Path) -> Result<Store, StorageError> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(STATE_CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -666,18 +671,22 @@ impl Writer {
         Ok(doomed.len() as u64)
     }
 
-    /// Stores a pending half message and its schedule, and the next transaction id.
+    /// Stores a pending half message and its schedule.
     pub fn put_half(
         &mut self,
         id: u64,
         record: &HalfRecord,
         schedule: (u32, u64),
-        next_txn_id: u64,
     ) -> Result<(), StorageError> {
         self.txn
             .open_table(TXNS)?
             .insert(id, encode_value(record).as_slice())?;
         self.txn.open_table(TXN_SCHEDULE)?.insert(id, schedule)?;
+        Ok(())
+    }
+
+    /// Stores the id the next half message gets.
+    pub fn put_next_txn_id(&mut self, next_txn_id: u64) -> Result<(), StorageError> {
         self.txn
             .open_table(META)?
             .insert(META_NEXT_TXN, next_txn_id)?;
@@ -703,13 +712,25 @@ impl Writer {
             None => None,
         };
         self.txn.open_table(TXN_SCHEDULE)?.remove(id)?;
+        self.put_txn_outcome(id, outcome, remembered)?;
+        Ok(record)
+    }
+
+    /// Records what stands for transaction `id`. Outcomes older than the latest
+    /// `remembered` are forgotten in steps (every 1024 ids), keeping each apply cheap.
+    pub fn put_txn_outcome<T: Serialize>(
+        &mut self,
+        id: u64,
+        outcome: &T,
+        remembered: u64,
+    ) -> Result<(), StorageError> {
         let mut outcomes = self.txn.open_table(TXN_OUTCOMES)?;
         outcomes.insert(id, encode_value(outcome).as_slice())?;
         let cutoff = id.saturating_sub(remembered);
-        if cutoff > 0 {
+        if cutoff > 0 && id & 1023 == 0 {
             outcomes.retain_in(..cutoff, |_, _| false)?;
         }
-        Ok(record)
+        Ok(())
     }
 
     /// What stands for an ended transaction, if remembered.

@@ -29,16 +29,16 @@
 //! ```
 
 use crate::ProducerError;
-use escrow_client::{unexpected, Client, ClientConfig};
+use escrow_client::{unexpected, Client, ClientConfig, ClientError};
 use escrow_proto::txn::{
-    EndTxn, PollChecks, SendHalf, TxnCheck, TxnDecision, TxnOutcome, TxnSource,
+    EndTxn, HalfSent, PollChecks, SendHalf, TxnCheck, TxnDecision, TxnOutcome, TxnSource,
 };
-use escrow_proto::{Message, Request, Response};
+use escrow_proto::{ErrorResponse, Message, Request, Response};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 /// Answers the broker's check-back: did the local transaction behind a half message commit?
 ///
@@ -56,12 +56,16 @@ const POLL_WAIT: Duration = Duration::from_secs(2);
 ///
 /// While it lives it answers check-backs for its group with its checker (for its own half
 /// messages and, when their sender is gone, for the group's).
+///
+/// Concurrent `send_half` calls, and concurrent commits and rollbacks, travel together:
+/// whatever queued while earlier requests were in flight goes as one request.
 #[derive(Debug)]
 pub struct TransactionalProducer {
-    client: Client,
     group: String,
     instance: String,
     next: AtomicU64,
+    halves: Batcher<SendHalf, HalfSent>,
+    ends: Batcher<EndTxn, TxnOutcome>,
     stop: watch::Sender<bool>,
     poller: tokio::task::JoinHandle<()>,
 }
@@ -70,9 +74,103 @@ pub struct TransactionalProducer {
 #[derive(Debug)]
 #[must_use = "a half message stays invisible until committed (or is resolved by check-back)"]
 pub struct Transaction {
-    client: Client,
+    ends: Batcher<EndTxn, TxnOutcome>,
     /// The transaction's id.
     pub txn_id: u64,
+}
+
+/// Most items in one batched request.
+const MAX_BATCH: usize = 1024;
+/// Batched requests in flight at once.
+const REQUESTS_IN_FLIGHT: usize = 4;
+
+type Reply<O> = oneshot::Sender<Result<O, ProducerError>>;
+
+/// Turns concurrent calls into batched requests answered item by item.
+struct Batcher<I, O> {
+    tx: mpsc::UnboundedSender<(I, Reply<O>)>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<I, O> std::fmt::Debug for Batcher<I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Batcher")
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    fn start<F, Fut>(send: F) -> Batcher<I, O>
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<O, ErrorResponse>>, ProducerError>> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(I, Reply<O>)>();
+        let send = Arc::new(send);
+        tokio::spawn(async move {
+            let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT));
+            while let Some(first) = rx.recv().await {
+                // Wait for a request slot first: what queues meanwhile joins this batch.
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let send = send.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.into_iter().unzip();
+                    let count = replies.len();
+                    match send(items).await {
+                        Ok(answers) if answers.len() == count => {
+                            for (answer, reply) in answers.into_iter().zip(replies) {
+                                let _ =
+                                    reply.send(answer.map_err(|e| ClientError::Server(e).into()));
+                            }
+                        }
+                        Ok(answers) => {
+                            for reply in replies {
+                                let _ = reply.send(Err(ProducerError::Batch {
+                                    code: None,
+                                    message: format!("{} answers for {count} items", answers.len()),
+                                }));
+                            }
+                        }
+                        Err(e) => {
+                            for reply in replies {
+                                let _ = reply.send(Err(ProducerError::Batch {
+                                    code: e.code(),
+                                    message: e.to_string(),
+                                }));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Batcher { tx }
+    }
+
+    async fn call(&self, item: I) -> Result<O, ProducerError> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || ProducerError::Batch {
+            code: None,
+            message: "producer closed".into(),
+        };
+        self.tx.send((item, reply)).map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
 }
 
 /// Why a transaction helper failed.
@@ -105,11 +203,36 @@ impl TransactionalProducer {
             Arc::new(checker),
             stopped,
         ));
+        let halves = {
+            let client = client.clone();
+            Batcher::start(move |halves| {
+                let client = client.clone();
+                async move {
+                    match client.request(&Request::SendHalves(halves)).await? {
+                        Response::HalvesSent(answers) => Ok(answers),
+                        other => Err(unexpected("send_halves", &other).into()),
+                    }
+                }
+            })
+        };
+        let ends = {
+            let client = client.clone();
+            Batcher::start(move |ends| {
+                let client = client.clone();
+                async move {
+                    match client.request(&Request::EndTxns(ends)).await? {
+                        Response::TxnsEnded(answers) => Ok(answers),
+                        other => Err(unexpected("end_txns", &other).into()),
+                    }
+                }
+            })
+        };
         Ok(TransactionalProducer {
-            client,
             group,
             instance,
             next: AtomicU64::new(0),
+            halves,
+            ends,
             stop,
             poller,
         })
@@ -145,20 +268,18 @@ impl TransactionalProducer {
             message.born_at_ms = escrow_client::now_ms();
         }
         message.validate().map_err(ProducerError::Invalid)?;
-        let request = Request::SendHalf(SendHalf {
+        let half = SendHalf {
             topic: topic.to_string(),
             producer_group: self.group.clone(),
             instance: self.instance.clone(),
             message,
             first_check_ms: first_check.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        });
-        match self.client.request(&request).await? {
-            Response::HalfSent(h) => Ok(Transaction {
-                client: self.client.clone(),
-                txn_id: h.txn_id,
-            }),
-            other => Err(unexpected("send_half", &other).into()),
-        }
+        };
+        let sent = self.halves.call(half).await?;
+        Ok(Transaction {
+            ends: self.ends.clone(),
+            txn_id: sent.txn_id,
+        })
     }
 
     /// Sends a half message, runs `local` (the local transaction), then commits on `Ok`
@@ -201,24 +322,22 @@ impl Drop for TransactionalProducer {
 impl Transaction {
     /// Makes the message visible in its queue. Acknowledged: the outcome says what stands.
     pub async fn commit(self) -> Result<TxnOutcome, ProducerError> {
-        end(
-            &self.client,
-            self.txn_id,
-            TxnDecision::Commit,
-            TxnSource::Producer,
-        )
-        .await
+        self.end(TxnDecision::Commit).await
     }
 
     /// Discards the message.
     pub async fn rollback(self) -> Result<TxnOutcome, ProducerError> {
-        end(
-            &self.client,
-            self.txn_id,
-            TxnDecision::Rollback,
-            TxnSource::Producer,
-        )
-        .await
+        self.end(TxnDecision::Rollback).await
+    }
+
+    async fn end(self, decision: TxnDecision) -> Result<TxnOutcome, ProducerError> {
+        self.ends
+            .call(EndTxn {
+                txn_id: self.txn_id,
+                decision,
+                source: TxnSource::Producer,
+            })
+            .await
     }
 }
 

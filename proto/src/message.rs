@@ -204,8 +204,20 @@ mod tests {
     fn names() {
         assert!(validate_name("topic", "orders.v1_a-b").is_ok());
         assert!(validate_name("topic", "").is_err());
-        assert!(validate_name("topic", "%DLQ%g").is_err());
+        assert!(
+            validate_name("topic", "%DLQ%g").is_ok(),
+            "reserved topics can be read"
+        );
         assert!(validate_name("topic", "a b").is_err());
         assert!(validate_name("topic", &"x".repeat(MAX_NAME_LEN + 1)).is_err());
+        assert!(validate_group("billing").is_ok());
+        assert!(
+            validate_group("%redriven%").is_err(),
+            "reserved group names"
+        );
+        let longest = "g".repeat(MAX_NAME_LEN - DLQ_PREFIX.len());
+        assert!(validate_group(&longest).is_ok());
+        assert!(validate_name("topic", &dead_letter_topic(&longest)).is_ok());
+        assert!(validate_group(&format!("{longest}g")).is_err());
     }
 }

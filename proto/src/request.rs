@@ -65,6 +65,10 @@ pub enum Request {
         /// Most to list.
         max: u32,
     },
+    /// Store several half messages (each its own transaction), answered one by one.
+    SendHalves(Vec<crate::txn::SendHalf>),
+    /// End several transactions, answered one by one.
+    EndTxns(Vec<crate::txn::EndTxn>),
 }
 
 /// Cluster administration.
@@ -118,6 +122,8 @@ impl Request {
             Request::EndTxn(_) => "end_txn",
             Request::PollChecks(_) => "poll_checks",
             Request::ListTxns { .. } => "list_txns",
+            Request::SendHalves(_) => "send_halves",
+            Request::EndTxns(_) => "end_txns",
         }
     }
 }

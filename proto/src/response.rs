@@ -45,6 +45,10 @@ pub enum Response {
     Checks(Vec<crate::txn::TxnCheck>),
     /// Pending transactions.
     Txns(Vec<crate::txn::TxnInfo>),
+    /// One answer per half message of `SendHalves`, in order.
+    HalvesSent(Vec<Result<crate::txn::HalfSent, ErrorResponse>>),
+    /// One answer per transaction of `EndTxns`, in order.
+    TxnsEnded(Vec<Result<crate::txn::TxnOutcome, ErrorResponse>>),
 }
 
 /// A consumer group with progress on a topic.

@@ -50,6 +50,8 @@ pub(crate) async fn dispatch(
         Request::EndTxn(end) => txn::end(shared, end).await,
         Request::PollChecks(_) => Err(invalid("check-back polls are handled above")),
         Request::ListTxns { max } => txn::list(shared, max),
+        Request::SendHalves(halves) => txn::send_halves(shared, halves).await,
+        Request::EndTxns(ends) => txn::end_many(shared, ends).await,
         Request::Receive(receive) => receive::handle(shared, receive).await,
         Request::Ack(ack) => ack::ack(shared, ack).await,
         Request::Nack(nack) => ack::nack(shared, nack),

@@ -2,14 +2,15 @@
 
 use super::{invalid, Reply};
 use crate::broker::Shared;
+use crate::proposer::Committed;
 use crate::state::command::{Command, HalfMessage, Output};
 use crate::state::unknown_topic;
 use escrow_proto::txn::{
     EndTxn, HalfSent, PollChecks, SendHalf, TxnCheck, TxnDecision, TxnInfo, TxnOutcome, TxnState,
 };
 use escrow_proto::{
-    is_reserved, validate_name, ErrorCode, ErrorResponse, Response, MAX_ID_LEN, MAX_INVISIBLE_MS,
-    MAX_WAIT_MS,
+    is_reserved, validate_name, ErrorCode, ErrorResponse, Response, MAX_BATCH_MESSAGES, MAX_ID_LEN,
+    MAX_INVISIBLE_MS, MAX_WAIT_MS,
 };
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ fn validate_instance(instance: &str) -> Result<(), ErrorResponse> {
     Ok(())
 }
 
-pub(super) async fn send_half(shared: &Shared, half: SendHalf) -> Reply {
+/// Checks a half message and turns it into its command (routing included).
+fn prepare_half(shared: &Shared, half: SendHalf) -> Result<Command, ErrorResponse> {
     validate_name("topic", &half.topic)?;
     validate_name("producer group", &half.producer_group)?;
     validate_instance(&half.instance)?;
@@ -35,7 +37,6 @@ pub(super) async fn send_half(shared: &Shared, half: SendHalf) -> Reply {
             "first check must be at most {MAX_INVISIBLE_MS} ms away"
         )));
     }
-    shared.require_leader()?;
     let queues = {
         let view = shared.view();
         if view.txns.len() >= shared.config.max_pending_txns {
@@ -59,7 +60,7 @@ pub(super) async fn send_half(shared: &Shared, half: SendHalf) -> Reply {
     let first_check_ms = half
         .first_check_ms
         .unwrap_or(shared.config.txn_settings(&half.topic).first_check_ms);
-    let command = Command::SendHalf {
+    Ok(Command::SendHalf {
         half: Box::new(HalfMessage {
             queue: super::publish::route(&half.message, queues, spread),
             topic: half.topic,
@@ -68,13 +69,99 @@ pub(super) async fn send_half(shared: &Shared, half: SendHalf) -> Reply {
             message: half.message,
         }),
         first_check_at_ms: escrow_client::now_ms().saturating_add(first_check_ms),
-    };
-    let committed = shared.proposer.propose(command).await?;
+    })
+}
+
+fn half_sent(committed: Result<Committed, ErrorResponse>) -> Result<HalfSent, ErrorResponse> {
+    let committed = committed?;
     match committed.output {
-        Output::HalfStored(txn_id) => Ok(Response::HalfSent(HalfSent {
+        Output::HalfStored(txn_id) => Ok(HalfSent {
             txn_id,
             commit_index: committed.durability.commit_index,
+        }),
+        Output::Rejected(e) => Err(e),
+        other => Err(invalid(format!("unexpected output {other:?}"))),
+    }
+}
+
+pub(super) async fn send_half(shared: &Shared, half: SendHalf) -> Reply {
+    shared.require_leader()?;
+    let command = prepare_half(shared, half)?;
+    half_sent(shared.proposer.propose(command).await).map(Response::HalfSent)
+}
+
+pub(super) async fn send_halves(shared: &Shared, halves: Vec<SendHalf>) -> Reply {
+    check_batch(halves.len())?;
+    shared.require_leader()?;
+    let prepared: Vec<Result<Command, ErrorResponse>> = halves
+        .into_iter()
+        .map(|h| prepare_half(shared, h))
+        .collect();
+    let answers = propose_valid(shared, prepared).await;
+    Ok(Response::HalvesSent(
+        answers.into_iter().map(half_sent).collect(),
+    ))
+}
+
+fn check_batch(len: usize) -> Result<(), ErrorResponse> {
+    if len == 0 || len > MAX_BATCH_MESSAGES {
+        return Err(ErrorResponse::new(
+            ErrorCode::BATCH_TOO_LARGE,
+            format!("between 1 and {MAX_BATCH_MESSAGES} per request"),
+        ));
+    }
+    Ok(())
+}
+
+/// Proposes the commands that passed their checks together; refusals keep their place.
+async fn propose_valid(
+    shared: &Shared,
+    prepared: Vec<Result<Command, ErrorResponse>>,
+) -> Vec<Result<Committed, ErrorResponse>> {
+    let commands: Vec<Command> = prepared
+        .iter()
+        .filter_map(|p| p.as_ref().ok().cloned())
+        .collect();
+    let mut committed = shared.proposer.propose_all(commands).await.into_iter();
+    prepared
+        .into_iter()
+        .map(|p| match p {
+            Ok(_) => committed
+                .next()
+                .unwrap_or_else(|| Err(invalid("missing answer"))),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+/// What an `EndTxn` needs: a command, or an answer without one (`Unknown`).
+fn prepare_end(shared: &Shared, end: &EndTxn) -> Result<Option<Command>, ErrorResponse> {
+    match end.decision {
+        TxnDecision::Commit | TxnDecision::Rollback => Ok(Some(Command::EndTxn {
+            txn_id: end.txn_id,
+            commit: end.decision == TxnDecision::Commit,
         })),
+        // Nothing to decide: the schedule goes on.
+        TxnDecision::Unknown if shared.view().txns.contains_key(&end.txn_id) => Ok(None),
+        TxnDecision::Unknown => Err(ErrorResponse::new(
+            ErrorCode::TXN_UNKNOWN,
+            format!("transaction {} is not pending", end.txn_id),
+        )),
+    }
+}
+
+fn ended(
+    txn_id: u64,
+    committed: Option<Result<Committed, ErrorResponse>>,
+) -> Result<TxnOutcome, ErrorResponse> {
+    let Some(committed) = committed else {
+        return Ok(TxnOutcome {
+            txn_id,
+            state: TxnState::Pending,
+        });
+    };
+    match committed?.output {
+        Output::TxnEnded(state) => Ok(TxnOutcome { txn_id, state }),
         Output::Rejected(e) => Err(e),
         other => Err(invalid(format!("unexpected output {other:?}"))),
     }
@@ -82,42 +169,34 @@ pub(super) async fn send_half(shared: &Shared, half: SendHalf) -> Reply {
 
 pub(super) async fn end(shared: &Shared, end: EndTxn) -> Reply {
     shared.require_leader()?;
-    let commit = match end.decision {
-        TxnDecision::Commit => true,
-        TxnDecision::Rollback => false,
-        TxnDecision::Unknown => {
-            // Nothing to decide: the schedule goes on.
-            return if shared.view().txns.contains_key(&end.txn_id) {
-                Ok(Response::TxnEnded(TxnOutcome {
-                    txn_id: end.txn_id,
-                    state: TxnState::Pending,
-                }))
-            } else {
-                Err(ErrorResponse::new(
-                    ErrorCode::TXN_UNKNOWN,
-                    format!("transaction {} is not pending", end.txn_id),
-                ))
-            };
-        }
+    let committed = match prepare_end(shared, &end)? {
+        Some(command) => Some(shared.proposer.propose(command).await),
+        None => None,
     };
-    let committed = shared
-        .proposer
-        .propose(Command::EndTxn {
-            txn_id: end.txn_id,
-            commit,
+    tracing::debug!(txn = end.txn_id, source = ?end.source, decision = ?end.decision, "end transaction");
+    ended(end.txn_id, committed).map(Response::TxnEnded)
+}
+
+pub(super) async fn end_many(shared: &Shared, ends: Vec<EndTxn>) -> Reply {
+    check_batch(ends.len())?;
+    shared.require_leader()?;
+    let prepared: Vec<Result<Option<Command>, ErrorResponse>> =
+        ends.iter().map(|e| prepare_end(shared, e)).collect();
+    let commands: Vec<Command> = prepared
+        .iter()
+        .filter_map(|p| p.as_ref().ok().cloned().flatten())
+        .collect();
+    let mut committed = shared.proposer.propose_all(commands).await.into_iter();
+    let answers = ends
+        .iter()
+        .zip(prepared)
+        .map(|(end, p)| match p {
+            Ok(Some(_)) => ended(end.txn_id, committed.next()),
+            Ok(None) => ended(end.txn_id, None),
+            Err(e) => Err(e),
         })
-        .await?;
-    match committed.output {
-        Output::TxnEnded(state) => {
-            tracing::debug!(txn = end.txn_id, ?state, source = ?end.source, "transaction ended");
-            Ok(Response::TxnEnded(TxnOutcome {
-                txn_id: end.txn_id,
-                state,
-            }))
-        }
-        Output::Rejected(e) => Err(e),
-        other => Err(invalid(format!("unexpected output {other:?}"))),
-    }
+        .collect();
+    Ok(Response::TxnsEnded(answers))
 }
 
 /// Check-backs handed to a poll, counted once delivered.

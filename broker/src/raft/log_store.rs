@@ -30,6 +30,8 @@ const LAST_PURGED: &str = "last_purged";
 
 /// Entries kept in memory beyond those still waiting for their fsync.
 const CACHE_MAX_ENTRIES: usize = 4096;
+/// redb page cache of the log file.
+const LOG_DB_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Message bytes the cache may hold (unflushed entries are always kept).
 const CACHE_MAX_BYTES: usize = 256 * 1024 * 1024;
 
@@ -177,7 +179,10 @@ pub struct LogStore {
 impl LogStore {
     /// Opens or creates the log at `path` and starts its writer thread.
     pub fn open(path: &Path, metrics: Arc<Metrics>) -> Result<LogStore, redb::Error> {
-        let db = Database::create(path)?;
+        // Recent entries are served from the entry cache; redb's own cache stays small.
+        let db = Database::builder()
+            .set_cache_size(LOG_DB_CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
         txn.open_table(META)?;

@@ -104,6 +104,9 @@ pub enum Command {
         /// The transactions.
         txn_ids: Vec<u64>,
     },
+    /// Several commands applied in order within one log entry (one request's worth).
+    /// Not nested.
+    Each(Vec<Command>),
 }
 
 /// A half message in a `SendHalf` command.
@@ -138,4 +141,6 @@ pub enum Output {
     HalfStored(u64),
     /// What stands for a transaction.
     TxnEnded(TxnState),
+    /// One output per command of an `Each`, in order.
+    Each(Vec<Output>),
 }

@@ -292,62 +292,75 @@ impl<'b> Applying<'_, 'b> {
     pub fn apply(&mut self, batch: &'b Batch) -> Result<Vec<Output>, StorageError> {
         let mut outputs = Vec::with_capacity(batch.commands.len());
         for command in &batch.commands {
-            self.touched.commands += 1;
-            let output = match command {
-                Command::CreateTopic { name, queues } => {
-                    self.create_topic(batch.at_ms, name, *queues)?
-                }
-                Command::Append {
-                    topic,
-                    producer,
-                    records,
-                    dedupe_by_id,
-                } => self.append(batch.at_ms, topic, *producer, records, *dedupe_by_id)?,
-                Command::Ack {
-                    topic,
-                    group,
-                    offsets,
-                } => self.ack(topic, group, offsets),
-                Command::ExpireProducers { idle_before_ms } => {
-                    self.expire_producers(*idle_before_ms)?
-                }
-                Command::ExpireMessageIds {
-                    stored_before_ms,
-                    keep_at_most,
-                } => Output::Expired(
-                    self.writer
-                        .expire_message_ids(
-                            *stored_before_ms,
-                            *keep_at_most,
-                            MAX_IDS_EXPIRED_PER_COMMAND,
-                        )?
-                        .try_into()
-                        .unwrap_or(u32::MAX),
-                ),
-                Command::DeadLetter {
-                    topic,
-                    group,
-                    offsets,
-                    records,
-                } => self.dead_letter(batch.at_ms, topic, group, offsets, records)?,
-                Command::Redrive {
-                    group,
-                    dead_letters,
-                    origins,
-                } => self.redrive(group, dead_letters, origins),
-                Command::SendHalf {
-                    half,
-                    first_check_at_ms,
-                } => self.send_half(batch.at_ms, half, *first_check_at_ms)?,
-                Command::EndTxn { txn_id, commit } => {
-                    self.end_txn(batch.at_ms, *txn_id, *commit)?
-                }
-                Command::TxnChecked { checks } => self.txn_checked(checks)?,
-                Command::AbandonTxns { txn_ids } => self.abandon_txns(batch.at_ms, txn_ids)?,
-            };
+            let output = self.apply_command(batch.at_ms, command)?;
             outputs.push(output);
         }
         Ok(outputs)
+    }
+
+    fn apply_command(&mut self, at_ms: u64, command: &'b Command) -> Result<Output, StorageError> {
+        self.touched.commands += 1;
+        Ok(match command {
+            Command::CreateTopic { name, queues } => self.create_topic(at_ms, name, *queues)?,
+            Command::Append {
+                topic,
+                producer,
+                records,
+                dedupe_by_id,
+            } => self.append(at_ms, topic, *producer, records, *dedupe_by_id)?,
+            Command::Ack {
+                topic,
+                group,
+                offsets,
+            } => self.ack(topic, group, offsets),
+            Command::ExpireProducers { idle_before_ms } => {
+                self.expire_producers(*idle_before_ms)?
+            }
+            Command::ExpireMessageIds {
+                stored_before_ms,
+                keep_at_most,
+            } => Output::Expired(
+                self.writer
+                    .expire_message_ids(
+                        *stored_before_ms,
+                        *keep_at_most,
+                        MAX_IDS_EXPIRED_PER_COMMAND,
+                    )?
+                    .try_into()
+                    .unwrap_or(u32::MAX),
+            ),
+            Command::DeadLetter {
+                topic,
+                group,
+                offsets,
+                records,
+            } => self.dead_letter(at_ms, topic, group, offsets, records)?,
+            Command::Redrive {
+                group,
+                dead_letters,
+                origins,
+            } => self.redrive(group, dead_letters, origins),
+            Command::SendHalf {
+                half,
+                first_check_at_ms,
+            } => self.send_half(at_ms, half, *first_check_at_ms)?,
+            Command::EndTxn { txn_id, commit } => self.end_txn(at_ms, *txn_id, *commit)?,
+            Command::TxnChecked { checks } => self.txn_checked(checks)?,
+            Command::AbandonTxns { txn_ids } => self.abandon_txns(at_ms, txn_ids)?,
+            Command::Each(commands) => {
+                let mut outputs = Vec::with_capacity(commands.len());
+                for command in commands {
+                    outputs.push(match command {
+                        Command::Each(_) => Output::Rejected(ErrorResponse::new(
+                            ErrorCode::INVALID_ARGUMENT,
+                            "command groups do not nest",
+                        )),
+                        command => self.apply_command(at_ms, command)?,
+                    });
+                }
+                Output::Each(outputs)
+            }
+        })
     }
 
     /// Stores a value for the Raft adapter in this transaction.
@@ -383,6 +396,9 @@ impl<'b> Applying<'_, 'b> {
                 Some(state) => writer.put_producer(*id, state)?,
                 None => writer.remove_producer(*id)?,
             }
+        }
+        if !touched.txns.is_empty() {
+            writer.put_next_txn_id(index.next_txn_id)?;
         }
         index.commit_index = index.commit_index.max(applied_index);
         writer.commit(index.commit_index, durable)?;
@@ -714,8 +730,7 @@ impl<'b> Applying<'_, 'b> {
             stored_at_ms: at_ms,
         };
         let schedule = (0, first_check_at_ms);
-        self.writer
-            .put_half(id, &record, schedule, index.next_txn_id)?;
+        self.writer.put_half(id, &record, schedule)?;
         index.txns.insert(id, PendingTxn::new(&record, schedule));
         self.touched.txns.insert(id);
         Ok(Output::HalfStored(id))
@@ -753,7 +768,7 @@ impl<'b> Applying<'_, 'b> {
                 )),
             });
         }
-        // The outcome is written first with a placeholder position, then corrected below.
+        // Written with the rollback outcome; a commit overwrites it with its position below.
         let Some(record) =
             self.writer
                 .end_half(txn_id, &TxnState::RolledBack, REMEMBERED_OUTCOMES)?
