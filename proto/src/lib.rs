@@ -11,6 +11,7 @@
 //!     topic: "orders".into(),
 //!     producer: None,
 //!     messages: vec![Message::new("order-1", b"{\"id\":1}".to_vec())],
+//!     dedupe_by_id: false,
 //! });
 //! let bytes = frame::encode(&request, MAX_FRAME_LEN)?;
 //! let len = frame::payload_len(bytes[..4].try_into().unwrap(), MAX_FRAME_LEN)?;
