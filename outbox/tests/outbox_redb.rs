@@ -101,12 +101,7 @@ async fn scenario() -> anyhow::Result<()> {
         Ok(effects(&consumer_db)?.len() > 300)
     })
     .await?;
-    let leader = cluster.wait_leader(&[0, 1, 2]).await?;
-    cluster.stop_node(leader).await;
-    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    cluster.wait_leader(&others).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    cluster.start_node(leader).await?;
+    cluster.bounce_leader().await?;
 
     let mut committed = BTreeSet::new();
     let mut aborted = BTreeSet::new();

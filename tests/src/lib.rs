@@ -238,6 +238,19 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Stops the leader, waits for another node to lead, then restarts the old leader.
+    /// Returns the index of the node that was stopped.
+    pub async fn bounce_leader(&mut self) -> anyhow::Result<usize> {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let leader = self.wait_leader(&all).await?;
+        self.stop_node(leader).await;
+        let others: Vec<usize> = all.into_iter().filter(|&i| i != leader).collect();
+        self.wait_leader(&others).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        self.start_node(leader).await?;
+        Ok(leader)
+    }
+
     /// Stops node `i` (gracefully), keeping its data.
     pub async fn stop_node(&mut self, i: usize) {
         if let Some(b) = self.nodes[i].take() {

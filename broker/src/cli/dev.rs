@@ -101,7 +101,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let _ = out.flush();
     drop(out);
-    wait_for_signal().await;
+    escrow_client::termination_signal().await;
     eprintln!("escrow dev: shutting down");
     for broker in brokers {
         broker.shutdown().await;
@@ -134,19 +134,4 @@ async fn join_cluster(brokers: &[Broker]) -> anyhow::Result<()> {
         .collect();
     brokers[0].add_voters(&others).await?;
     Ok(())
-}
-
-pub(crate) async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -27,7 +27,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         broker.local_addr(),
         broker.raft_addr()
     );
-    super::dev::wait_for_signal().await;
+    escrow_client::termination_signal().await;
     eprintln!("escrow serve: shutting down");
     broker.shutdown().await;
     Ok(())

@@ -144,21 +144,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -236,7 +221,7 @@ async fn main() -> anyhow::Result<()> {
                 cli.table,
                 redact(&cli.database_url)
             );
-            relay.run(shutdown_signal()).await?;
+            relay.run(escrow_client::termination_signal()).await?;
         }
     }
     Ok(())
