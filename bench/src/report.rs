@@ -101,10 +101,14 @@ impl Report {
             self.msgs_per_sec, self.mb_per_sec, self.messages, self.seconds, self.errors
         );
         let l = &self.latency;
-        println!(
-            "latency       p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
-            l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms
-        );
+        if l.samples == 0 {
+            println!("latency       not measured");
+        } else {
+            println!(
+                "latency       p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+                l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms
+            );
+        }
         if let Some(e) = &self.end_to_end {
             println!(
                 "end to end    p50 {:.3} ms, p99 {:.3} ms",
