@@ -337,10 +337,42 @@ impl Broker {
         }
         self.endpoint.wait_idle().await;
         drop(self.shared);
-        // Raft's background tasks let go of the stores shortly after shutdown; wait for
-        // the files to close so the same data directory can be opened again at once.
+        Self::wait_closed(&self.log_closed, &self.state_closed).await;
+    }
+
+    /// Stops the way a crash would, for tests: no answer to requests in flight, no
+    /// goodbye to clients or peers (they notice by timeouts); storage keeps only what
+    /// was fsynced. The data directory can be opened again afterwards.
+    pub async fn crash(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        // Stops the Raft core without telling peers anything.
+        let _ = self.shared.raft.shutdown().await;
+        let Broker {
+            endpoint,
+            peer_endpoint,
+            shared,
+            log_closed,
+            state_closed,
+            tasks,
+            ..
+        } = self;
+        for task in tasks {
+            let _ = task.await;
+        }
+        drop((endpoint, peer_endpoint, shared));
+        Self::wait_closed(&log_closed, &state_closed).await;
+    }
+
+    /// Raft's background tasks let go of the stores shortly after shutdown; wait for
+    /// the files to close so the same data directory can be opened again at once.
+    async fn wait_closed(
+        log_closed: &std::sync::Weak<redb::Database>,
+        state_closed: &std::sync::Weak<Store>,
+    ) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while (self.log_closed.strong_count() > 0 || self.state_closed.strong_count() > 0)
+        while (log_closed.strong_count() > 0 || state_closed.strong_count() > 0)
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -238,17 +238,24 @@ impl TestCluster {
         Ok(())
     }
 
-    /// Stops the leader, waits for another node to lead, then restarts the old leader.
-    /// Returns the index of the node that was stopped.
+    /// Crashes the leader ([`Broker::crash`]: no goodbye to clients or peers), waits for
+    /// another node to lead, then restarts the old leader. Returns its index.
     pub async fn bounce_leader(&mut self) -> anyhow::Result<usize> {
         let all: Vec<usize> = (0..self.nodes.len()).collect();
         let leader = self.wait_leader(&all).await?;
-        self.stop_node(leader).await;
+        self.crash_node(leader).await;
         let others: Vec<usize> = all.into_iter().filter(|&i| i != leader).collect();
         self.wait_leader(&others).await?;
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         self.start_node(leader).await?;
         Ok(leader)
+    }
+
+    /// Crashes node `i` ([`Broker::crash`]), keeping what it fsynced.
+    pub async fn crash_node(&mut self, i: usize) {
+        if let Some(b) = self.nodes[i].take() {
+            b.crash().await;
+        }
     }
 
     /// Stops node `i` (gracefully), keeping its data.

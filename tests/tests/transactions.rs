@@ -334,7 +334,7 @@ async fn a_new_leader_resumes_check_backs_with_counts_kept() -> anyhow::Result<(
     }
 
     let leader = cluster.wait_leader(&[0, 1, 2]).await?;
-    cluster.stop_node(leader).await;
+    cluster.crash_node(leader).await;
     let before = checks(pending(&client).await?);
     let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     cluster.wait_leader(&others).await?;
