@@ -93,15 +93,6 @@ fn stopped() -> ErrorResponse {
     ErrorResponse::new(ErrorCode::SHUTTING_DOWN, "the node is shutting down")
 }
 
-fn body_bytes(command: &Command) -> usize {
-    match command {
-        Command::Append { records, .. } => records.iter().map(|(_, m)| m.body.len()).sum(),
-        Command::SendHalf { half, .. } => half.message.body.len(),
-        Command::Each(commands) => commands.iter().map(body_bytes).sum(),
-        _ => 0,
-    }
-}
-
 /// The error for a write refused because this node does not lead.
 pub fn not_leader(leader: Option<&NodeAddr>) -> ErrorResponse {
     let mut e = ErrorResponse::new(
@@ -122,12 +113,12 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = body_bytes(&first.command);
+        let mut bytes = first.command.body_bytes();
         let mut proposals = vec![first];
         while proposals.len() < MAX_BATCH_COMMANDS && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(p) => {
-                    bytes += body_bytes(&p.command);
+                    bytes += p.command.body_bytes();
                     proposals.push(p);
                 }
                 Err(_) => break,

@@ -19,7 +19,9 @@ use crate::state::progress::QueueProgress;
 use escrow_proto::{ErrorCode, ErrorResponse, Message, ProducerSequence};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
@@ -246,10 +248,22 @@ struct Image {
     txn_outcomes: Vec<(u64, Vec<u8>)>,
 }
 
+/// Half messages stored since the last durable commit, with their check schedules.
+///
+/// Most transactions are decided within a second, so a half message is kept here
+/// instead of in the `txns` table, and a decided one never touches the table. A durable
+/// commit writes whatever is still pending; until then the Raft log covers them (after
+/// a crash the state machine replays the log from its last durable commit).
+type UnflushedHalves = Arc<Mutex<HalvesById>>;
+
+/// Half messages with their `(checks made, next check at)`.
+type HalvesById = HashMap<u64, (HalfRecord, (u32, u64))>;
+
 /// The broker's redb database.
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    halves: UnflushedHalves,
 }
 
 impl Store {
@@ -281,10 +295,14 @@ impl Store {
             txn.open_table(TXN_OUTCOMES)?;
         }
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            halves: UnflushedHalves::default(),
+        })
     }
 
-    /// Reads topics, queue ends and group progress.
+    /// Reads topics, queue ends and group progress (as of the last commit; half
+    /// messages not yet made durable are not included).
     pub fn load(&self) -> Result<Loaded, StorageError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
@@ -413,6 +431,7 @@ impl Store {
     /// Replaces every table with an image from [`Store::export`], durably.
     pub fn import(&self, bytes: &[u8]) -> Result<(), StorageError> {
         let image: Image = decode_value("snapshot image", bytes)?;
+        lock_halves(&self.halves).clear();
         let txn = self.db.begin_write()?;
         txn.delete_table(META)?;
         txn.delete_table(TOPICS)?;
@@ -477,11 +496,15 @@ impl Store {
     pub fn begin(&self) -> Result<Writer, StorageError> {
         Ok(Writer {
             txn: self.db.begin_write()?,
+            halves: self.halves.clone(),
         })
     }
 
     /// A pending half message.
     pub fn read_half(&self, id: u64) -> Result<Option<HalfRecord>, StorageError> {
+        if let Some((record, _)) = lock_halves(&self.halves).get(&id) {
+            return Ok(Some(record.clone()));
+        }
         let txn = self.db.begin_read()?;
         let table = txn.open_table(TXNS)?;
         match table.get(id)? {
@@ -548,9 +571,14 @@ impl std::fmt::Debug for Frozen {
     }
 }
 
+fn lock_halves(halves: &Mutex<HalvesById>) -> MutexGuard<'_, HalvesById> {
+    halves.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One write transaction.
 pub struct Writer {
     txn: redb::WriteTransaction,
+    halves: UnflushedHalves,
 }
 
 impl std::fmt::Debug for Writer {
@@ -672,17 +700,9 @@ impl Writer {
     }
 
     /// Stores a pending half message and its schedule.
-    pub fn put_half(
-        &mut self,
-        id: u64,
-        record: &HalfRecord,
-        schedule: (u32, u64),
-    ) -> Result<(), StorageError> {
-        self.txn
-            .open_table(TXNS)?
-            .insert(id, encode_value(record).as_slice())?;
-        self.txn.open_table(TXN_SCHEDULE)?.insert(id, schedule)?;
-        Ok(())
+    /// Kept in memory until the next durable commit (see [`UnflushedHalves`]).
+    pub fn put_half(&mut self, id: u64, record: HalfRecord, schedule: (u32, u64)) {
+        lock_halves(&self.halves).insert(id, (record, schedule));
     }
 
     /// Stores the id the next half message gets.
@@ -695,25 +715,40 @@ impl Writer {
 
     /// Updates a pending transaction's check schedule.
     pub fn put_txn_schedule(&mut self, id: u64, schedule: (u32, u64)) -> Result<(), StorageError> {
+        if let Some((_, pending)) = lock_halves(&self.halves).get_mut(&id) {
+            *pending = schedule;
+            return Ok(());
+        }
         self.txn.open_table(TXN_SCHEDULE)?.insert(id, schedule)?;
         Ok(())
     }
 
-    /// Removes a pending half message and returns it; records what stands instead.
-    /// Outcomes older than the latest `remembered` transactions are forgotten.
-    pub fn end_half<T: Serialize>(
-        &mut self,
-        id: u64,
-        outcome: &T,
-        remembered: u64,
-    ) -> Result<Option<HalfRecord>, StorageError> {
+    /// Removes a pending half message and returns it.
+    pub fn take_half(&mut self, id: u64) -> Result<Option<HalfRecord>, StorageError> {
+        if let Some((record, _)) = lock_halves(&self.halves).remove(&id) {
+            return Ok(Some(record));
+        }
         let record = match self.txn.open_table(TXNS)?.remove(id)? {
             Some(v) => Some(decode_value("half message", v.value())?),
             None => None,
         };
         self.txn.open_table(TXN_SCHEDULE)?.remove(id)?;
-        self.put_txn_outcome(id, outcome, remembered)?;
         Ok(record)
+    }
+
+    /// Writes the half messages still pending in memory into their tables.
+    fn flush_halves(&mut self) -> Result<(), StorageError> {
+        let halves: Vec<_> = lock_halves(&self.halves).drain().collect();
+        if halves.is_empty() {
+            return Ok(());
+        }
+        let mut txns = self.txn.open_table(TXNS)?;
+        let mut schedules = self.txn.open_table(TXN_SCHEDULE)?;
+        for (id, (record, schedule)) in &halves {
+            txns.insert(*id, encode_value(record).as_slice())?;
+            schedules.insert(*id, *schedule)?;
+        }
+        Ok(())
     }
 
     /// Records what stands for transaction `id`. Outcomes older than the latest
@@ -758,7 +793,9 @@ impl Writer {
         self.txn
             .open_table(META)?
             .insert(META_COMMIT_INDEX, applied_index)?;
-        if !durable {
+        if durable {
+            self.flush_halves()?;
+        } else {
             self.txn
                 .set_durability(redb::Durability::None)
                 .map_err(|e| corrupt("durability", e))?;

@@ -109,6 +109,18 @@ pub enum Command {
     Each(Vec<Command>),
 }
 
+impl Command {
+    /// Message body bytes the command carries.
+    pub fn body_bytes(&self) -> usize {
+        match self {
+            Command::Append { records, .. } => records.iter().map(|(_, m)| m.body.len()).sum(),
+            Command::SendHalf { half, .. } => half.message.body.len(),
+            Command::Each(commands) => commands.iter().map(Command::body_bytes).sum(),
+            _ => 0,
+        }
+    }
+}
+
 /// A half message in a `SendHalf` command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HalfMessage {

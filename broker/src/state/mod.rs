@@ -730,8 +730,8 @@ impl<'b> Applying<'_, 'b> {
             stored_at_ms: at_ms,
         };
         let schedule = (0, first_check_at_ms);
-        self.writer.put_half(id, &record, schedule)?;
         index.txns.insert(id, PendingTxn::new(&record, schedule));
+        self.writer.put_half(id, record, schedule);
         self.touched.txns.insert(id);
         Ok(Output::HalfStored(id))
     }
@@ -768,25 +768,23 @@ impl<'b> Applying<'_, 'b> {
                 )),
             });
         }
-        // Written with the rollback outcome; a commit overwrites it with its position below.
-        let Some(record) =
-            self.writer
-                .end_half(txn_id, &TxnState::RolledBack, REMEMBERED_OUTCOMES)?
-        else {
+        let Some(record) = self.writer.take_half(txn_id)? else {
             return Err(StorageError::Corrupt {
                 what: "half message",
                 detail: format!("transaction {txn_id} is pending but not stored"),
             });
         };
-        if !commit {
-            return Ok(Output::TxnEnded(TxnState::RolledBack));
-        }
-        let state = match self.append_owned(at_ms, &record.topic, record.queue, record.message) {
-            Some(position) => TxnState::Committed(position),
-            // Its topic is gone (topics are never deleted today): nothing to commit into.
-            None => TxnState::RolledBack,
+        let state = if commit {
+            match self.append_owned(at_ms, &record.topic, record.queue, record.message) {
+                Some(position) => TxnState::Committed(position),
+                // Its topic is gone (topics are never deleted today): nothing to commit into.
+                None => TxnState::RolledBack,
+            }
+        } else {
+            TxnState::RolledBack
         };
-        self.writer.end_half(txn_id, &state, REMEMBERED_OUTCOMES)?;
+        self.writer
+            .put_txn_outcome(txn_id, &state, REMEMBERED_OUTCOMES)?;
         Ok(Output::TxnEnded(state))
     }
 
@@ -817,12 +815,11 @@ impl<'b> Applying<'_, 'b> {
                     return Ok(Output::Rejected(e));
                 }
             }
-            let Some(record) =
-                self.writer
-                    .end_half(id, &TxnState::Abandoned, REMEMBERED_OUTCOMES)?
-            else {
+            let Some(record) = self.writer.take_half(id)? else {
                 continue;
             };
+            self.writer
+                .put_txn_outcome(id, &TxnState::Abandoned, REMEMBERED_OUTCOMES)?;
             let mut message = record.message;
             for (name, value) in [
                 ("escrow-txn-id", id.to_string()),
@@ -1184,5 +1181,72 @@ mod tests {
             "never delivered"
         );
         assert!(twin.index().txns.is_empty());
+    }
+
+    #[test]
+    fn pending_half_messages_reach_the_tables_only_through_a_durable_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let at = |at_ms, commands| Batch { at_ms, commands };
+        let half = |id: &str| Command::SendHalf {
+            half: Box::new(HalfMessage {
+                topic: "t".into(),
+                queue: 0,
+                producer_group: "pg".into(),
+                instance: "i1".into(),
+                message: Message::new(id, b"x".to_vec()),
+            }),
+            first_check_at_ms: 100,
+        };
+        let create = Command::CreateTopic {
+            name: "t".into(),
+            queues: 1,
+        };
+        sm.apply(1, &at(10, vec![create])).unwrap();
+        let apply_non_durably = |sm: &mut StateMachine, index, batch: Batch| {
+            let mut applying = sm.begin().unwrap();
+            let out = applying.apply(&batch).unwrap();
+            applying.commit(index, false).unwrap();
+            out
+        };
+        let out = apply_non_durably(&mut sm, 2, at(20, vec![half("a"), half("b")]));
+        assert_eq!(out, [Output::HalfStored(1), Output::HalfStored(2)]);
+        assert!(
+            sm.store().read_half(1).unwrap().is_some(),
+            "readable for checks"
+        );
+        assert!(sm.store().load().unwrap().txns.is_empty(), "in memory only");
+
+        // Decided before any durable commit: never written to the tables.
+        let end = |txn_id, commit| Command::EndTxn { txn_id, commit };
+        apply_non_durably(&mut sm, 3, at(30, vec![end(1, true)]));
+        apply_non_durably(
+            &mut sm,
+            4,
+            at(
+                40,
+                vec![Command::TxnChecked {
+                    checks: vec![(2, 900)],
+                }],
+            ),
+        );
+        assert!(sm.store().read_half(1).unwrap().is_none());
+
+        // A durable commit writes what is still pending, with its schedule.
+        sm.begin().unwrap().commit(4, true).unwrap();
+        let stored = sm.store().load().unwrap().txns;
+        assert_eq!(stored.len(), 1);
+        assert_eq!((stored[0].0, stored[0].2), (2, (1, 900)));
+        drop(sm);
+        let mut sm = open(dir.path());
+        assert_eq!(sm.index().txns.len(), 1);
+        assert_eq!(sm.index().txns[&2].checks, 1);
+
+        // Decided after the flush: removed from the tables.
+        let out = sm.apply(5, &at(50, vec![end(2, false)])).unwrap();
+        assert_eq!(out, [Output::TxnEnded(TxnState::RolledBack)]);
+        assert!(sm.store().load().unwrap().txns.is_empty());
+        assert!(sm.store().read_half(2).unwrap().is_none());
+        assert_eq!(sm.index().topics["t"].queues[0].next_offset, 1);
     }
 }
