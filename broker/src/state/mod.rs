@@ -1084,12 +1084,9 @@ mod tests {
         assert_eq!(after, vec![Output::Appended(vec![pos(3), pos(4), pos(2)])]);
     }
 
-    #[test]
-    fn transactions_are_decided_once_and_survive_snapshots() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sm = open(dir.path());
-        let at = |at_ms, commands| Batch { at_ms, commands };
-        let half = |id: &str| Command::SendHalf {
+    /// A half message for topic `t`, queue 0, producer group `pg`.
+    fn half(id: &str) -> Command {
+        Command::SendHalf {
             half: Box::new(HalfMessage {
                 topic: "t".into(),
                 queue: 0,
@@ -1098,7 +1095,14 @@ mod tests {
                 message: Message::new(id, b"x".to_vec()),
             }),
             first_check_at_ms: 100,
-        };
+        }
+    }
+
+    #[test]
+    fn transactions_are_decided_once_and_survive_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let at = |at_ms, commands| Batch { at_ms, commands };
         let create = Command::CreateTopic {
             name: "t".into(),
             queues: 1,
@@ -1188,16 +1192,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
         let at = |at_ms, commands| Batch { at_ms, commands };
-        let half = |id: &str| Command::SendHalf {
-            half: Box::new(HalfMessage {
-                topic: "t".into(),
-                queue: 0,
-                producer_group: "pg".into(),
-                instance: "i1".into(),
-                message: Message::new(id, b"x".to_vec()),
-            }),
-            first_check_at_ms: 100,
-        };
         let create = Command::CreateTopic {
             name: "t".into(),
             queues: 1,
