@@ -10,7 +10,8 @@
 //! - `raft_meta`: `&str` -> bytes owned by the Raft adapter (last applied log id, membership).
 //! - `message_ids`: `(topic id, message id)` -> `(stored at, queue, offset)`: dedup by message id.
 //! - `message_ids_by_time`: `(stored at, topic id, message id)` -> `()`: expiry order of the above.
-//! - `txns`: transaction id -> `HalfRecord` (a pending half message, immutable).
+//! - `txns`: transaction id -> `HalfRecord` (a pending half message, immutable; written by
+//!   the first durable commit after it was stored, see `UnflushedHalves`).
 //! - `txn_schedule`: transaction id -> `(checks made, next check at)`.
 //! - `txn_outcomes`: transaction id -> `TxnState` (decided transactions, the latest million).
 
