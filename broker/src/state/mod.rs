@@ -1084,6 +1084,14 @@ mod tests {
         assert_eq!(after, vec![Output::Appended(vec![pos(3), pos(4), pos(2)])]);
     }
 
+    /// Creates topic `t` with one queue.
+    fn topic_t() -> Command {
+        Command::CreateTopic {
+            name: "t".into(),
+            queues: 1,
+        }
+    }
+
     /// A half message for topic `t`, queue 0, producer group `pg`.
     fn half(id: &str) -> Command {
         Command::SendHalf {
@@ -1103,12 +1111,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
         let at = |at_ms, commands| Batch { at_ms, commands };
-        let create = Command::CreateTopic {
-            name: "t".into(),
-            queues: 1,
-        };
         let out = sm
-            .apply(1, &at(10, vec![create, half("a"), half("b"), half("a")]))
+            .apply(1, &at(10, vec![topic_t(), half("a"), half("b"), half("a")]))
             .unwrap();
         assert_eq!(
             out[1..],
@@ -1192,11 +1196,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
         let at = |at_ms, commands| Batch { at_ms, commands };
-        let create = Command::CreateTopic {
-            name: "t".into(),
-            queues: 1,
-        };
-        sm.apply(1, &at(10, vec![create])).unwrap();
+        sm.apply(1, &at(10, vec![topic_t()])).unwrap();
         let apply_non_durably = |sm: &mut StateMachine, index, batch: Batch| {
             let mut applying = sm.begin().unwrap();
             let out = applying.apply(&batch).unwrap();
