@@ -737,15 +737,16 @@ impl Writer {
         Ok(record)
     }
 
-    /// Writes the half messages still pending in memory into their tables.
+    /// Writes the half messages still pending in memory into their tables (they leave
+    /// memory once the commit carrying them succeeds).
     fn flush_halves(&mut self) -> Result<(), StorageError> {
-        let halves: Vec<_> = lock_halves(&self.halves).drain().collect();
+        let halves = lock_halves(&self.halves);
         if halves.is_empty() {
             return Ok(());
         }
         let mut txns = self.txn.open_table(TXNS)?;
         let mut schedules = self.txn.open_table(TXN_SCHEDULE)?;
-        for (id, (record, schedule)) in &halves {
+        for (id, (record, schedule)) in halves.iter() {
             txns.insert(*id, encode_value(record).as_slice())?;
             schedules.insert(*id, *schedule)?;
         }
@@ -802,6 +803,9 @@ impl Writer {
                 .map_err(|e| corrupt("durability", e))?;
         }
         self.txn.commit()?;
+        if durable {
+            lock_halves(&self.halves).clear();
+        }
         Ok(())
     }
 }

@@ -118,3 +118,93 @@ async fn sigkill_loses_no_acknowledged_message() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Answers nothing definite: the test decides every transaction itself.
+struct NeverKnows;
+
+impl escrow_producer::txn::TransactionChecker for NeverKnows {
+    async fn check(&self, _check: &escrow_proto::txn::TxnCheck) -> escrow_proto::txn::TxnDecision {
+        escrow_proto::txn::TxnDecision::Unknown
+    }
+}
+
+/// Half messages live in the state machine's memory until its next durable commit; a
+/// SIGKILL before it must lose none of the acknowledged ones (the log replays them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_keeps_acknowledged_half_messages_pending() -> anyhow::Result<()> {
+    use escrow_proto::txn::{EndTxn, TxnDecision, TxnSource, TxnState};
+    use escrow_proto::Response;
+
+    let dir = tempfile::tempdir()?;
+    let (mut child, addr) = spawn_dev(dir.path())?;
+    let conn = Connection::connect(&client(&addr, dir.path())).await?;
+    conn.request(&Request::CreateTopic(CreateTopic {
+        topic: "orders".into(),
+        queues: 2,
+    }))
+    .await?;
+    let producer = escrow_producer::txn::TransactionalProducer::connect(
+        client(&addr, dir.path()),
+        "shop",
+        NeverKnows,
+    )
+    .await?;
+    let mut txn_ids = BTreeSet::new();
+    for i in 0..20 {
+        if i == 10 {
+            // The first ten are made durable by the time-bound durable commit, which
+            // the next apply after a second makes; the last ten only by the log.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        let id = format!("order-{i}");
+        let txn = producer
+            .send_half("orders", Message::new(id.clone(), id.into_bytes()))
+            .await?;
+        txn_ids.insert(txn.txn_id);
+    }
+    // At once: well within the state machine's durable-commit interval.
+    child.kill()?; // SIGKILL
+    child.wait()?;
+    drop((producer, conn));
+
+    let (mut child, addr) = spawn_dev(dir.path())?;
+    let conn = Connection::connect(&client(&addr, dir.path())).await?;
+    let pending: BTreeSet<u64> = match conn.request(&Request::ListTxns { max: 1000 }).await? {
+        Response::Txns(list) => list.into_iter().map(|t| t.txn_id).collect(),
+        other => anyhow::bail!("unexpected {other:?}"),
+    };
+    assert_eq!(
+        pending, txn_ids,
+        "acknowledged half messages lost or invented"
+    );
+    for &txn_id in &txn_ids {
+        let r = conn
+            .request(&Request::EndTxn(EndTxn {
+                txn_id,
+                decision: TxnDecision::Commit,
+                source: TxnSource::Operator,
+            }))
+            .await?;
+        assert!(
+            matches!(&r, Response::TxnEnded(o) if matches!(o.state, TxnState::Committed(_))),
+            "commit of {txn_id}: {r:?}"
+        );
+    }
+    let consumer = Consumer::connect(&client(&addr, dir.path()), "audit", "orders").await?;
+    let mut received = BTreeSet::new();
+    loop {
+        let batch = consumer
+            .receive(100, Duration::from_secs(60), Duration::from_millis(300))
+            .await?;
+        if batch.is_empty() {
+            break;
+        }
+        for d in batch {
+            assert!(received.insert(d.message.id), "a message was stored twice");
+        }
+    }
+    child.kill()?;
+    child.wait()?;
+    assert_eq!(received.len(), txn_ids.len());
+    Ok(())
+}
