@@ -9,7 +9,6 @@ use escrow_proto::{CreateTopic, Message, Request};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 mod common;
 use common::{cli, client_config, wait_until, ProcessCluster};
@@ -97,22 +96,7 @@ async fn leader_sigkill_loses_nothing_acknowledged() -> anyhow::Result<()> {
     );
 
     let consumer = Consumer::connect(&client_config(&seeds, &ca), "audit", "orders").await?;
-    let mut stored = BTreeSet::new();
-    loop {
-        let batch = consumer
-            .receive(1000, Duration::from_secs(60), Duration::from_millis(500))
-            .await?;
-        if batch.is_empty() {
-            break;
-        }
-        for d in batch {
-            assert!(
-                stored.insert(d.message.id.clone()),
-                "{} stored twice",
-                d.message.id
-            );
-        }
-    }
+    let stored = common::drain_unique_ids(&consumer).await?;
     let acked = acked.lock().map(|a| a.clone()).unwrap_or_default();
     let lost: Vec<_> = acked.difference(&stored).take(5).collect();
     assert!(

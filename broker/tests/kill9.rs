@@ -90,18 +90,7 @@ async fn sigkill_loses_no_acknowledged_message() -> anyhow::Result<()> {
 
     let (mut child, addr) = spawn_dev(dir.path())?;
     let consumer = Consumer::connect(&client(&addr, dir.path()), "audit", "orders").await?;
-    let mut stored = BTreeSet::new();
-    loop {
-        let batch = consumer
-            .receive(1000, Duration::from_secs(60), Duration::from_millis(300))
-            .await?;
-        if batch.is_empty() {
-            break;
-        }
-        for d in batch {
-            assert!(stored.insert(d.message.id), "a message was stored twice");
-        }
-    }
+    let stored = common::drain_unique_ids(&consumer).await?;
     child.kill()?;
     child.wait()?;
     let lost: Vec<_> = acked.difference(&stored).take(5).collect();
@@ -191,18 +180,7 @@ async fn sigkill_keeps_acknowledged_half_messages_pending() -> anyhow::Result<()
         );
     }
     let consumer = Consumer::connect(&client(&addr, dir.path()), "audit", "orders").await?;
-    let mut received = BTreeSet::new();
-    loop {
-        let batch = consumer
-            .receive(100, Duration::from_secs(60), Duration::from_millis(300))
-            .await?;
-        if batch.is_empty() {
-            break;
-        }
-        for d in batch {
-            assert!(received.insert(d.message.id), "a message was stored twice");
-        }
-    }
+    let received = common::drain_unique_ids(&consumer).await?;
     child.kill()?;
     child.wait()?;
     assert_eq!(received.len(), txn_ids.len());

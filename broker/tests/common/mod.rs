@@ -253,3 +253,25 @@ impl ProcessCluster {
         None
     }
 }
+
+/// Receives (without acking) until a poll comes back empty; the ids seen, each once.
+pub(crate) async fn drain_unique_ids(
+    consumer: &escrow_consumer::Consumer,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut ids = std::collections::BTreeSet::new();
+    loop {
+        let batch = consumer
+            .receive(1000, Duration::from_secs(60), Duration::from_millis(500))
+            .await?;
+        if batch.is_empty() {
+            return Ok(ids);
+        }
+        for d in batch {
+            anyhow::ensure!(
+                ids.insert(d.message.id.clone()),
+                "{} stored twice",
+                d.message.id
+            );
+        }
+    }
+}
