@@ -165,7 +165,7 @@ impl Broker {
 
         let (peer_server, peer_client) =
             crate::tls::peer_configs(&config.tls.cert, &config.tls.key, &config.tls.ca)?;
-        let mut peer_endpoint = quinn::Endpoint::server(peer_server, config.raft_listen)?;
+        let mut peer_endpoint = escrow_client::endpoint(config.raft_listen, Some(peer_server))?;
         peer_endpoint.set_default_client_config(peer_client);
         let raft_addr = peer_endpoint.local_addr()?;
 
@@ -173,7 +173,7 @@ impl Broker {
         transport.max_concurrent_bidi_streams(config.max_streams_per_connection.into());
         let server_config =
             crate::tls::server_config(&config.tls.cert, &config.tls.key, ALPN_CLIENT, transport)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
+        let endpoint = escrow_client::endpoint(config.listen, Some(server_config))?;
         let local_addr = endpoint.local_addr()?;
 
         let raft_config = config.raft.config().map_err(StartError::Config)?;

@@ -86,8 +86,7 @@ impl Connection {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| conn_err(format!("binding: {e}")))?;
+        let mut endpoint = endpoint(bind, None).map_err(|e| conn_err(format!("binding: {e}")))?;
         endpoint.set_default_client_config(client_config);
         let name = config
             .server_name
@@ -185,6 +184,28 @@ impl Connection {
     pub fn quic(&self) -> &quinn::Connection {
         &self.inner
     }
+}
+
+/// Receive buffer asked for each endpoint's UDP socket.
+const SOCKET_RECV_BUFFER: usize = 4 * 1024 * 1024;
+
+/// A QUIC endpoint on `addr` with a large socket receive buffer; a server when `server`
+/// is given.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    // The default (~200 KiB) overflows under bursts of replication traffic; each drop
+    // costs a QUIC loss recovery and a halved congestion window. The kernel caps the
+    // request at net.core.rmem_max.
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(SOCKET_RECV_BUFFER);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// Transport settings shared by clients: enough concurrent streams for deep pipelining.

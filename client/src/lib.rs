@@ -23,7 +23,7 @@ pub mod tls;
 pub mod wire;
 
 pub use client::Client;
-pub use connection::{transport_config, unexpected, ClientConfig, Connection};
+pub use connection::{endpoint, transport_config, unexpected, ClientConfig, Connection};
 pub use error::ClientError;
 pub use tls::Trust;
 
