@@ -189,6 +189,54 @@ fn decode_segment(base_offset: u64, bytes: &[u8]) -> Result<Segment, StorageErro
     })
 }
 
+/// Most encoded bytes in one segment, unless one record alone is larger. redb gives a
+/// value larger than a page a page of its own, rounded up to a power of two (a 20 KB
+/// segment would take 32 KB of file and page cache); segments just under 16 KiB fill
+/// theirs and smaller ones share pages.
+const SEGMENT_MAX_BYTES: usize = 16 * 1024 - 256;
+
+/// An upper bound of a record's encoded size, for cutting segments.
+pub trait EncodedSize {
+    /// Bytes its encoding takes at most.
+    fn encoded_size_bound(&self) -> usize;
+}
+
+fn message_size_bound(m: &Message) -> usize {
+    // Varint lengths and tags, timestamps and the producer sequence take under 64 bytes.
+    m.id.len() + m.body.len() + m.metadata_len() + 64 + 8 * (m.tags.len() + m.headers.len())
+}
+
+impl EncodedSize for Record {
+    fn encoded_size_bound(&self) -> usize {
+        message_size_bound(&self.message)
+    }
+}
+
+impl EncodedSize for RecordRef<'_> {
+    fn encoded_size_bound(&self) -> usize {
+        message_size_bound(&self.message)
+    }
+}
+
+/// Cuts `records` into consecutive runs that each encode within [`SEGMENT_MAX_BYTES`].
+fn segment_pieces<R: EncodedSize>(records: &[R]) -> Vec<&[R]> {
+    let budget = SEGMENT_MAX_BYTES - SEGMENT_HEADER_LEN - 10;
+    let mut pieces = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, record) in records.iter().enumerate() {
+        let size = record.encoded_size_bound();
+        if i > start && bytes + size > budget {
+            pieces.push(&records[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < records.len() {
+        pieces.push(&records[start..]);
+    }
+    pieces
+}
+
 fn encode_segment<R: Serialize>(stored_at_ms: u64, records: &[R]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(SEGMENT_HEADER_LEN + records.len() * 64);
     buf.push(VALUE_VERSION);
@@ -597,8 +645,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Stores a segment of [`Record`]s (or [`RecordRef`]s, which encode identically).
-    pub fn put_segment<R: Serialize>(
+    /// Stores [`Record`]s (or [`RecordRef`]s, which encode identically) from `base_offset`
+    /// on, as one segment or, when they are large, several consecutive ones.
+    pub fn put_segment<R: Serialize + EncodedSize>(
         &mut self,
         topic_id: u32,
         queue: u32,
@@ -606,10 +655,15 @@ impl Writer {
         stored_at_ms: u64,
         records: &[R],
     ) -> Result<(), StorageError> {
-        self.txn.open_table(SEGMENTS)?.insert(
-            (topic_id, queue, base_offset),
-            encode_segment(stored_at_ms, records).as_slice(),
-        )?;
+        let mut table = self.txn.open_table(SEGMENTS)?;
+        let mut base = base_offset;
+        for piece in segment_pieces(records) {
+            table.insert(
+                (topic_id, queue, base),
+                encode_segment(stored_at_ms, piece).as_slice(),
+            )?;
+            base += piece.len() as u64;
+        }
         Ok(())
     }
 
@@ -850,6 +904,58 @@ mod tests {
         assert_eq!(got[0].2, records[1]);
         assert_eq!(got[2].1, 200);
         assert!(store.read(1, 0, &[0]).is_err(), "no segment is an error");
+    }
+
+    #[test]
+    fn large_batches_are_cut_into_segments_that_fit_a_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let records: Vec<Record> = (0..70)
+            .map(|i| Record {
+                message: Message::new(format!("m{i}"), vec![i as u8; 1024]),
+                producer: None,
+            })
+            .collect();
+        let store = Store::open(&path).unwrap();
+        let mut w = store.begin().unwrap();
+        w.put_segment(1, 0, 0, 100, &records[..1]).unwrap();
+        w.put_segment(1, 0, 1, 200, &records[1..]).unwrap();
+        w.commit(1, true).unwrap();
+
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(SEGMENTS).unwrap();
+        let sizes: Vec<(u64, usize)> = table
+            .iter()
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (k.value().2, v.value().len())
+            })
+            .collect();
+        assert!(
+            sizes.len() >= 6,
+            "69 KiB of records in 16 KiB segments: {sizes:?}"
+        );
+        assert!(
+            sizes.iter().all(|&(_, len)| len <= SEGMENT_MAX_BYTES),
+            "{sizes:?}"
+        );
+        let offsets: Vec<u64> = (0..70).collect();
+        let got = store.read(1, 0, &offsets).unwrap();
+        assert_eq!(got.len(), 70);
+        for (offset, at, record) in &got {
+            assert_eq!(record, &records[*offset as usize]);
+            assert_eq!(*at, if *offset == 0 { 100 } else { 200 });
+        }
+        drop((table, txn));
+        let one_large = [Record {
+            message: Message::new("big", vec![7; 40_000]),
+            producer: None,
+        }];
+        let mut w = store.begin().unwrap();
+        w.put_segment(1, 0, 70, 300, &one_large).unwrap();
+        w.commit(2, true).unwrap();
+        assert_eq!(store.read(1, 0, &[70]).unwrap()[0].2, one_large[0]);
     }
 
     #[test]

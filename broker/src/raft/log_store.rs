@@ -1,7 +1,7 @@
 //! The Raft log and vote on redb (`raft-log.redb`).
 //!
-//! Tables: `entries` (log index -> postcard entry) and `meta` (vote, committed,
-//! last purged). One writer thread owns every write: it takes all operations queued
+//! Tables: `entries` ((log index, chunk) -> postcard entry, cut in chunks) and `meta`
+//! (vote, committed, last purged). One writer thread owns every write: it takes all operations queued
 //! since its last commit (appends, truncations, purges, votes) and applies them in
 //! order in one write transaction with one fsync, then reports each append as
 //! flushed. Appended entries are readable at once from an in-memory cache of the
@@ -22,12 +22,16 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{mpsc, Arc, Mutex};
 
-const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+const ENTRIES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
 
+/// Largest piece of an encoded entry stored as one value. redb gives a value larger than
+/// a page a page of its own, rounded up to a power of two (a 70 KB entry would take
+/// 128 KB of file and page cache); chunks just under 16 KiB fill theirs.
+const CHUNK_BYTES: usize = 16 * 1024 - 256;
 /// Entries kept in memory beyond those still waiting for their fsync.
 const CACHE_MAX_ENTRIES: usize = 4096;
 /// redb page cache of the log file.
@@ -318,17 +322,17 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), Failure> {
             match op {
                 Op::Append(list, _) => {
                     for entry in list {
-                        entries
-                            .insert(entry.log_id.index, encode(entry)?.as_slice())
-                            .map_err(fail)?;
+                        put_entry(&mut entries, entry)?;
                     }
                 }
                 Op::Truncate(from, _) => {
-                    entries.retain_in(*from.., |_, _| false).map_err(fail)?;
+                    entries
+                        .retain_in((*from, 0).., |_, _| false)
+                        .map_err(fail)?;
                 }
                 Op::Purge(upto, _) => {
                     entries
-                        .retain_in(..=upto.index, |_, _| false)
+                        .retain_in(..=(upto.index, u32::MAX), |_, _| false)
                         .map_err(fail)?;
                     meta.insert(LAST_PURGED, encode(upto)?.as_slice())
                         .map_err(fail)?;
@@ -342,6 +346,65 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), Failure> {
     txn.commit().map_err(fail)
 }
 
+/// Stores one entry, cut in chunks of at most [`CHUNK_BYTES`].
+fn put_entry(
+    entries: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
+    entry: &Entry,
+) -> Result<(), Failure> {
+    let bytes = encode(entry)?;
+    for (chunk, piece) in (0u32..).zip(bytes.chunks(CHUNK_BYTES)) {
+        entries
+            .insert((entry.log_id.index, chunk), piece)
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Decodes the entries with indexes in `range`, joining their chunks.
+fn read_entries(
+    table: &impl ReadableTable<(u64, u32), &'static [u8]>,
+    range: &impl RangeBounds<u64>,
+) -> Result<Vec<Entry>, Failure> {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => Bound::Included((s, 0)),
+        Bound::Excluded(&s) => Bound::Excluded((s, u32::MAX)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => Bound::Included((e, u32::MAX)),
+        Bound::Excluded(&e) => Bound::Excluded((e, 0)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    let mut out = Vec::new();
+    // (index, next chunk expected, bytes so far)
+    let mut pending: Option<(u64, u32, Vec<u8>)> = None;
+    for item in table.range::<(u64, u32)>((start, end)).map_err(fail)? {
+        let (key, value) = item.map_err(fail)?;
+        let (index, chunk) = key.value();
+        match &mut pending {
+            Some((at, next, bytes)) if *at == index && *next == chunk => {
+                bytes.extend_from_slice(value.value());
+                *next += 1;
+            }
+            _ if chunk == 0 => {
+                if let Some((_, _, bytes)) = pending.take() {
+                    out.push(decode(&bytes)?);
+                }
+                pending = Some((index, 1, value.value().to_vec()));
+            }
+            _ => {
+                return Err(fail(format!(
+                    "log entry {index}: chunk {chunk} out of order"
+                )))
+            }
+        }
+    }
+    if let Some((_, _, bytes)) = pending {
+        out.push(decode(&bytes)?);
+    }
+    Ok(out)
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -352,13 +415,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         let read = || -> Result<Vec<Entry>, Failure> {
             let txn = self.db.begin_read().map_err(fail)?;
-            let table = txn.open_table(ENTRIES).map_err(fail)?;
-            let mut out = Vec::new();
-            for item in table.range(range.clone()).map_err(fail)? {
-                let (_, value) = item.map_err(fail)?;
-                out.push(decode(value.value())?);
-            }
-            Ok(out)
+            read_entries(&txn.open_table(ENTRIES).map_err(fail)?, &range)
         };
         read().map_err(|e| logs_err(ErrorVerb::Read, e))
     }
@@ -372,8 +429,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let last_purged_log_id: Option<LogId> = self.read_meta(LAST_PURGED)?;
             let txn = self.db.begin_read().map_err(fail)?;
             let table = txn.open_table(ENTRIES).map_err(fail)?;
-            let on_disk = match table.last().map_err(fail)? {
-                Some((_, value)) => Some(decode::<Entry>(value.value())?.log_id),
+            let last_index = table.last().map_err(fail)?.map(|(key, _)| key.value().0);
+            let on_disk = match last_index {
+                Some(index) => read_entries(&table, &(index..=index))?
+                    .pop()
+                    .map(|e| e.log_id),
                 None => None,
             };
             let last = self.cache().last().max(on_disk);
@@ -453,5 +513,111 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.submit(|done| Op::Purge(log_id, done))
             .await
             .map_err(|e| logs_err(ErrorVerb::Delete, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::command::Batch;
+    use escrow_proto::Message;
+    use redb::ReadableTableMetadata;
+
+    fn entry(index: u64, body_bytes: usize) -> Entry {
+        let batch = Batch {
+            at_ms: index,
+            commands: vec![Command::Append {
+                topic: "t".into(),
+                producer: None,
+                records: vec![(
+                    0,
+                    Message::new(format!("m{index}"), vec![index as u8; body_bytes]),
+                )],
+                dedupe_by_id: false,
+            }],
+        };
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Arc::new(batch)),
+        }
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    #[test]
+    fn entries_larger_than_a_chunk_round_trip_truncate_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("log.redb")).unwrap();
+        // Small, exactly one chunk, several chunks and a large one, alternating.
+        let sizes = [
+            10,
+            CHUNK_BYTES,
+            3 * CHUNK_BYTES + 5,
+            100,
+            200_000,
+            1,
+            40_000,
+        ];
+        let written: Vec<Entry> = (1..).zip(sizes).map(|(i, n)| entry(i, n)).collect();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(ENTRIES).unwrap();
+            for e in &written {
+                put_entry(&mut table, e).unwrap();
+            }
+            assert!(
+                table.len().unwrap() > written.len() as u64 + 10,
+                "large entries are cut"
+            );
+        }
+        txn.commit().unwrap();
+
+        let read = |range: std::ops::RangeInclusive<u64>| {
+            let txn = db.begin_read().unwrap();
+            read_entries(&txn.open_table(ENTRIES).unwrap(), &range).unwrap()
+        };
+        let all = read(0..=u64::MAX);
+        assert_eq!(indexes(&all), (1..=7).collect::<Vec<_>>());
+        for (got, want) in all.iter().zip(&written) {
+            assert_eq!(encode(got).unwrap(), encode(want).unwrap());
+        }
+        assert_eq!(indexes(&read(3..=5)), vec![3, 4, 5]);
+        assert_eq!(indexes(&read(5..=5)), vec![5]);
+
+        let (tx, rx) = mpsc::sync_channel(2);
+        let ops = [
+            Op::Truncate(6, tx.clone()),
+            Op::Purge(written[1].log_id, tx),
+        ];
+        write_batch(&db, &ops).unwrap();
+        drop(rx);
+        assert_eq!(indexes(&read(0..=u64::MAX)), vec![3, 4, 5]);
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(ENTRIES).unwrap();
+        let first = table.first().unwrap().map(|(k, _)| k.value());
+        let last = table.last().unwrap().map(|(k, _)| k.value().0);
+        assert_eq!(
+            (first, last),
+            (Some((3, 0)), Some(5)),
+            "no chunk of a removed entry stays"
+        );
+    }
+
+    #[test]
+    fn a_missing_chunk_is_an_error_not_a_wrong_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("log.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(ENTRIES).unwrap();
+            put_entry(&mut table, &entry(1, 3 * CHUNK_BYTES)).unwrap();
+            table.remove((1, 1)).unwrap();
+        }
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(ENTRIES).unwrap();
+        assert!(read_entries(&table, &(0..=u64::MAX)).is_err());
     }
 }
