@@ -1,11 +1,11 @@
 //! The Raft log and vote on redb (`raft-log.redb`).
 //!
-//! Tables: `entries` ((log index, chunk) -> postcard entry, cut in chunks) and `meta`
-//! (vote, committed, last purged). One writer thread owns every write: it takes all operations queued
-//! since its last commit (appends, truncations, purges, votes) and applies them in
-//! order in one write transaction with one fsync, then reports each append as
-//! flushed. Appended entries are readable at once from an in-memory cache of the
-//! newest entries, which also spares replication and apply a decode from disk.
+//! Tables: `entries` ((log index, chunk) -> a piece of the postcard entry) and `meta`
+//! (vote, committed, last purged). One writer thread owns every write: it takes all
+//! operations queued since its last commit (appends, truncations, purges, votes) and
+//! applies them in order in one write transaction with one fsync, then reports each
+//! append as flushed. Appended entries are readable at once from an in-memory cache of
+//! the newest entries, which also spares replication and apply a decode from disk.
 
 use super::{io_error, Entry, LogId, StorageError, TypeConfig};
 use crate::metrics::Metrics;
