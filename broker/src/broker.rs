@@ -297,6 +297,12 @@ impl Broker {
         &self.shared.raft
     }
 
+    /// Holds this node's Raft log writes while `stalled`, as a hung disk would (fault
+    /// injection for tests).
+    pub fn stall_log_writes(&self, stalled: bool) {
+        self.shared.log.stall_writes(stalled);
+    }
+
     /// The voters of the membership this node knows.
     pub fn voters(&self) -> std::collections::BTreeSet<u64> {
         self.shared

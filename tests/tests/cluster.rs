@@ -99,6 +99,54 @@ fn assert_none_lost(acked: &BTreeSet<String>, stored: &BTreeSet<String>) {
     );
 }
 
+/// The leader replicates while its own log write is in flight but counts itself toward
+/// the quorum only once that write is flushed: with its disk stalled, writes commit through
+/// the two followers; with one follower cut off as well, nothing is acknowledged until the
+/// leader's write completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_counts_itself_toward_the_quorum_only_after_its_own_fsync() -> anyhow::Result<()> {
+    let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
+    let cluster = TestCluster::voters(3).await?;
+    let leader = cluster.wait_leader(&[0, 1, 2]).await?;
+    let client = Client::connect(cluster.client()).await?;
+    create_topic(&client).await?;
+    let producer = Producer::connect(producer_config(&cluster)).await?;
+    let send = |id: &str| {
+        let producer = producer.clone();
+        let message = Message::new(id, id.as_bytes().to_vec());
+        tokio::spawn(async move { producer.send("t", message).await })
+    };
+    send("before").await??;
+
+    cluster.node(leader).stall_log_writes(true);
+    tokio::time::timeout(Duration::from_secs(5), send("followers"))
+        .await
+        .map_err(|_| anyhow::anyhow!("two flushed followers did not commit a write"))???;
+
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    cluster.filter.isolate(follower as u64 + 1);
+    let pending = send("needs-the-leader");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !pending.is_finished(),
+        "acknowledged with one follower flushed and the leader's own write not yet on disk"
+    );
+    cluster.node(leader).stall_log_writes(false);
+    tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .map_err(|_| anyhow::anyhow!("no ack once the leader's write was flushed"))???;
+
+    // Read back before healing: the isolated follower's raised term would force an election.
+    let stored = stored_ids(&client, "audit").await?;
+    let expected: BTreeSet<String> = ["before", "followers", "needs-the-leader"]
+        .map(String::from)
+        .into();
+    assert_eq!(stored, expected);
+    cluster.filter.heal();
+    cluster.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_leader_cannot_acknowledge_and_converges_after_healing() -> anyhow::Result<()> {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;

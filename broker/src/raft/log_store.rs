@@ -20,7 +20,7 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 const ENTRIES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -153,16 +153,41 @@ enum Op {
     ),
 }
 
+/// Holds the writer thread before its next write while set (fault injection: a stalled disk).
+#[derive(Debug, Default)]
+struct StallGate {
+    stalled: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl StallGate {
+    fn set(&self, stalled: bool) {
+        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = stalled;
+        self.changed.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let guard = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        drop(
+            self.changed
+                .wait_while(guard, |stalled| *stalled)
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+    }
+}
+
 /// The writer thread's queue; dropping the last handle stops the thread and waits for it,
 /// so the database file is closed when the last `LogStore` clone is gone.
 #[derive(Debug)]
 struct Writer {
     ops: Option<mpsc::Sender<Op>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    gate: Arc<StallGate>,
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        self.gate.set(false);
         self.ops.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -195,11 +220,21 @@ impl LogStore {
         let cache: Arc<Mutex<EntryCache>> = Arc::default();
         let (writer, ops) = mpsc::channel();
         let committed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-        let (thread_db, thread_cache, thread_committed) =
-            (db.clone(), cache.clone(), committed.clone());
+        let gate: Arc<StallGate> = Arc::default();
+        let (thread_db, thread_cache, thread_committed, thread_gate) =
+            (db.clone(), cache.clone(), committed.clone(), gate.clone());
         let thread = std::thread::Builder::new()
             .name("escrow-raft-log".into())
-            .spawn(move || write_loop(&thread_db, &thread_cache, &thread_committed, &metrics, ops))
+            .spawn(move || {
+                write_loop(
+                    &thread_db,
+                    &thread_cache,
+                    &thread_committed,
+                    &metrics,
+                    &thread_gate,
+                    ops,
+                )
+            })
             .map_err(redb::Error::Io)?;
         Ok(LogStore {
             db,
@@ -207,9 +242,16 @@ impl LogStore {
             writer: Arc::new(Writer {
                 ops: Some(writer),
                 thread: Some(thread),
+                gate,
             }),
             committed,
         })
+    }
+
+    /// Holds every log write (and its fsync) while `stalled`, as a hung disk would
+    /// (fault injection for tests); entries stay readable from the cache meanwhile.
+    pub fn stall_writes(&self, stalled: bool) {
+        self.writer.gate.set(stalled);
     }
 
     /// Observes when the database is closed (every clone and the writer thread gone).
@@ -269,9 +311,11 @@ fn write_loop(
     cache: &Mutex<EntryCache>,
     committed: &Mutex<Option<Vec<u8>>>,
     metrics: &Metrics,
+    gate: &StallGate,
     ops: mpsc::Receiver<Op>,
 ) {
     while let Ok(first) = ops.recv() {
+        gate.wait_open();
         let mut batch = vec![first];
         while let Ok(op) = ops.try_recv() {
             batch.push(op);
