@@ -25,7 +25,7 @@ pub(crate) struct PublishArgs {
     /// Messages to publish in total.
     #[arg(long, default_value_t = 100_000)]
     count: u64,
-    /// Publish requests in flight per producer.
+    /// Messages sent and not yet acknowledged at once, per producer (1 = one at a time).
     #[arg(long, default_value_t = 256)]
     window: usize,
     /// Producers, each with its own connection.
