@@ -868,16 +868,21 @@ impl Writer {
 mod tests {
     use super::*;
 
+    /// `count` records with ids m0, m1, ... and bodies of `body_len` bytes.
+    fn records(count: usize, body_len: usize) -> Vec<Record> {
+        (0..count)
+            .map(|i| Record {
+                message: Message::new(format!("m{i}"), vec![i as u8; body_len]),
+                producer: None,
+            })
+            .collect()
+    }
+
     #[test]
     fn segments_round_trip_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let records: Vec<Record> = (0..5)
-            .map(|i| Record {
-                message: Message::new(format!("m{i}"), vec![i as u8; 10]),
-                producer: None,
-            })
-            .collect();
+        let records = records(5, 10);
         {
             let store = Store::open(&path).unwrap();
             let mut w = store.begin().unwrap();
@@ -910,12 +915,7 @@ mod tests {
     fn large_batches_are_cut_into_segments_that_fit_a_page() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.redb");
-        let records: Vec<Record> = (0..70)
-            .map(|i| Record {
-                message: Message::new(format!("m{i}"), vec![i as u8; 1024]),
-                producer: None,
-            })
-            .collect();
+        let records = records(70, 1024);
         let store = Store::open(&path).unwrap();
         let mut w = store.begin().unwrap();
         w.put_segment(1, 0, 0, 100, &records[..1]).unwrap();

@@ -38,16 +38,23 @@ fn client(addr: &str, dir: &Path) -> ClientConfig {
     c
 }
 
+/// Starts `escrow dev` in `dir` and creates the topic "orders" with `queues` queues.
+async fn dev_with_orders(dir: &Path, queues: u32) -> anyhow::Result<(Child, String)> {
+    let (child, addr) = spawn_dev(dir)?;
+    Connection::connect(&client(&addr, dir))
+        .await?
+        .request(&Request::CreateTopic(CreateTopic {
+            topic: "orders".into(),
+            queues,
+        }))
+        .await?;
+    Ok((child, addr))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_message() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (mut child, addr) = spawn_dev(dir.path())?;
-    let conn = Connection::connect(&client(&addr, dir.path())).await?;
-    conn.request(&Request::CreateTopic(CreateTopic {
-        topic: "orders".into(),
-        queues: 4,
-    }))
-    .await?;
+    let (mut child, addr) = dev_with_orders(dir.path(), 4).await?;
 
     // Publish continuously with a window of 64; kill -9 once 2000 are acknowledged.
     let mut config = ProducerConfig::new(client(&addr, dir.path()));
@@ -86,7 +93,6 @@ async fn sigkill_loses_no_acknowledged_message() -> anyhow::Result<()> {
     while let Ok(id) = acked_rx.try_recv() {
         acked.insert(id);
     }
-    drop(conn);
 
     let (mut child, addr) = spawn_dev(dir.path())?;
     let consumer = Consumer::connect(&client(&addr, dir.path()), "audit", "orders").await?;
@@ -125,13 +131,7 @@ async fn sigkill_keeps_acknowledged_half_messages_pending() -> anyhow::Result<()
     use escrow_proto::Response;
 
     let dir = tempfile::tempdir()?;
-    let (mut child, addr) = spawn_dev(dir.path())?;
-    let conn = Connection::connect(&client(&addr, dir.path())).await?;
-    conn.request(&Request::CreateTopic(CreateTopic {
-        topic: "orders".into(),
-        queues: 2,
-    }))
-    .await?;
+    let (mut child, addr) = dev_with_orders(dir.path(), 2).await?;
     let producer = escrow_producer::txn::TransactionalProducer::connect(
         client(&addr, dir.path()),
         "shop",
@@ -154,7 +154,7 @@ async fn sigkill_keeps_acknowledged_half_messages_pending() -> anyhow::Result<()
     // At once: well within the state machine's durable-commit interval.
     child.kill()?; // SIGKILL
     child.wait()?;
-    drop((producer, conn));
+    drop(producer);
 
     let (mut child, addr) = spawn_dev(dir.path())?;
     let conn = Connection::connect(&client(&addr, dir.path())).await?;
