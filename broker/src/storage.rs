@@ -11,16 +11,17 @@
 //! - `message_ids`: `(topic id, message id)` -> `(stored at, queue, offset)`: dedup by message id.
 //! - `message_ids_by_time`: `(stored at, topic id, message id)` -> `()`: expiry order of the above.
 //! - `txns`: transaction id -> `HalfRecord` (a pending half message, immutable; written by
-//!   the first durable commit after it was stored, see `UnflushedHalves`).
+//!   the first durable commit after it was stored, see `Unflushed`).
 //! - `txn_schedule`: transaction id -> `(checks made, next check at)`.
-//! - `txn_outcomes`: transaction id -> `TxnState` (decided transactions, the latest million).
+//! - `txn_outcomes`: transaction id -> `TxnState` (decided transactions, the latest million;
+//!   written by the first durable commit after the decision).
 
 use crate::state::producers::ProducerState;
 use crate::state::progress::QueueProgress;
 use escrow_proto::{ErrorCode, ErrorResponse, Message, ProducerSequence};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -297,22 +298,28 @@ struct Image {
     txn_outcomes: Vec<(u64, Vec<u8>)>,
 }
 
-/// Half messages stored since the last durable commit, with their check schedules.
+/// Transaction state written since the last durable commit.
 ///
 /// Most transactions are decided within a second, so a half message is kept here
-/// instead of in the `txns` table, and a decided one never touches the table. A durable
-/// commit writes whatever is still pending; until then the Raft log covers them (after
-/// a crash the state machine replays the log from its last durable commit).
-type UnflushedHalves = Arc<Mutex<HalvesById>>;
+/// instead of in the `txns` table, and a decided one never touches the table; the
+/// outcome of a decision waits here for the next durable commit too. A durable commit
+/// writes both; until then the Raft log covers them (after a crash the state machine
+/// replays the log from its last durable commit).
+type Unflushed = Arc<Mutex<UnflushedTxns>>;
 
-/// Half messages with their `(checks made, next check at)`.
-type HalvesById = HashMap<u64, (HalfRecord, (u32, u64))>;
+#[derive(Debug, Default)]
+struct UnflushedTxns {
+    /// Half messages with their `(checks made, next check at)`.
+    halves: HashMap<u64, (HalfRecord, (u32, u64))>,
+    /// Encoded outcomes of decided transactions.
+    outcomes: BTreeMap<u64, Vec<u8>>,
+}
 
 /// The broker's redb database.
 #[derive(Debug)]
 pub struct Store {
     db: Database,
-    halves: UnflushedHalves,
+    unflushed: Unflushed,
 }
 
 impl Store {
@@ -346,7 +353,7 @@ impl Store {
         txn.commit()?;
         Ok(Store {
             db,
-            halves: UnflushedHalves::default(),
+            unflushed: Unflushed::default(),
         })
     }
 
@@ -480,7 +487,7 @@ impl Store {
     /// Replaces every table with an image from [`Store::export`], durably.
     pub fn import(&self, bytes: &[u8]) -> Result<(), StorageError> {
         let image: Image = decode_value("snapshot image", bytes)?;
-        lock_halves(&self.halves).clear();
+        *lock_unflushed(&self.unflushed) = UnflushedTxns::default();
         let txn = self.db.begin_write()?;
         txn.delete_table(META)?;
         txn.delete_table(TOPICS)?;
@@ -545,13 +552,13 @@ impl Store {
     pub fn begin(&self) -> Result<Writer, StorageError> {
         Ok(Writer {
             txn: self.db.begin_write()?,
-            halves: self.halves.clone(),
+            unflushed: self.unflushed.clone(),
         })
     }
 
     /// A pending half message.
     pub fn read_half(&self, id: u64) -> Result<Option<HalfRecord>, StorageError> {
-        if let Some((record, _)) = lock_halves(&self.halves).get(&id) {
+        if let Some((record, _)) = lock_unflushed(&self.unflushed).halves.get(&id) {
             return Ok(Some(record.clone()));
         }
         let txn = self.db.begin_read()?;
@@ -560,6 +567,17 @@ impl Store {
             Some(v) => Ok(Some(decode_value("half message", v.value())?)),
             None => Ok(None),
         }
+    }
+
+    /// Ids of the outcomes in the `txn_outcomes` table.
+    #[cfg(test)]
+    pub(crate) fn outcome_ids(&self) -> Result<Vec<u64>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut ids = Vec::new();
+        for e in txn.open_table(TXN_OUTCOMES)?.iter()? {
+            ids.push(e?.0.value());
+        }
+        Ok(ids)
     }
 
     /// Reads the records at `offsets` (ascending) of one queue, with their commit time.
@@ -620,14 +638,14 @@ impl std::fmt::Debug for Frozen {
     }
 }
 
-fn lock_halves(halves: &Mutex<HalvesById>) -> MutexGuard<'_, HalvesById> {
-    halves.lock().unwrap_or_else(|e| e.into_inner())
+fn lock_unflushed(unflushed: &Mutex<UnflushedTxns>) -> MutexGuard<'_, UnflushedTxns> {
+    unflushed.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One write transaction.
 pub struct Writer {
     txn: redb::WriteTransaction,
-    halves: UnflushedHalves,
+    unflushed: Unflushed,
 }
 
 impl std::fmt::Debug for Writer {
@@ -755,9 +773,11 @@ impl Writer {
     }
 
     /// Stores a pending half message and its schedule.
-    /// Kept in memory until the next durable commit (see [`UnflushedHalves`]).
+    /// Kept in memory until the next durable commit (see [`Unflushed`]).
     pub fn put_half(&mut self, id: u64, record: HalfRecord, schedule: (u32, u64)) {
-        lock_halves(&self.halves).insert(id, (record, schedule));
+        lock_unflushed(&self.unflushed)
+            .halves
+            .insert(id, (record, schedule));
     }
 
     /// Stores the id the next half message gets.
@@ -770,7 +790,7 @@ impl Writer {
 
     /// Updates a pending transaction's check schedule.
     pub fn put_txn_schedule(&mut self, id: u64, schedule: (u32, u64)) -> Result<(), StorageError> {
-        if let Some((_, pending)) = lock_halves(&self.halves).get_mut(&id) {
+        if let Some((_, pending)) = lock_unflushed(&self.unflushed).halves.get_mut(&id) {
             *pending = schedule;
             return Ok(());
         }
@@ -780,7 +800,7 @@ impl Writer {
 
     /// Removes a pending half message and returns it.
     pub fn take_half(&mut self, id: u64) -> Result<Option<HalfRecord>, StorageError> {
-        if let Some((record, _)) = lock_halves(&self.halves).remove(&id) {
+        if let Some((record, _)) = lock_unflushed(&self.unflushed).halves.remove(&id) {
             return Ok(Some(record));
         }
         let record = match self.txn.open_table(TXNS)?.remove(id)? {
@@ -791,35 +811,46 @@ impl Writer {
         Ok(record)
     }
 
-    /// Writes the half messages still pending in memory into their tables (they leave
-    /// memory once the commit carrying them succeeds).
-    fn flush_halves(&mut self) -> Result<(), StorageError> {
-        let halves = lock_halves(&self.halves);
-        if halves.is_empty() {
-            return Ok(());
+    /// Writes the half messages still pending in memory and the outcomes decided since
+    /// the last durable commit into their tables (they leave memory once the commit
+    /// carrying them succeeds).
+    fn flush_unflushed(&mut self) -> Result<(), StorageError> {
+        let unflushed = lock_unflushed(&self.unflushed);
+        if !unflushed.halves.is_empty() {
+            let mut txns = self.txn.open_table(TXNS)?;
+            let mut schedules = self.txn.open_table(TXN_SCHEDULE)?;
+            for (id, (record, schedule)) in unflushed.halves.iter() {
+                txns.insert(*id, encode_value(record).as_slice())?;
+                schedules.insert(*id, *schedule)?;
+            }
         }
-        let mut txns = self.txn.open_table(TXNS)?;
-        let mut schedules = self.txn.open_table(TXN_SCHEDULE)?;
-        for (id, (record, schedule)) in halves.iter() {
-            txns.insert(*id, encode_value(record).as_slice())?;
-            schedules.insert(*id, *schedule)?;
+        if !unflushed.outcomes.is_empty() {
+            let mut outcomes = self.txn.open_table(TXN_OUTCOMES)?;
+            for (id, outcome) in unflushed.outcomes.iter() {
+                outcomes.insert(*id, outcome.as_slice())?;
+            }
         }
         Ok(())
     }
 
-    /// Records what stands for transaction `id`. Outcomes older than the latest
-    /// `remembered` are forgotten in steps (every 1024 ids), keeping each apply cheap.
+    /// Records what stands for transaction `id` (in memory until the next durable
+    /// commit, see [`Unflushed`]). Outcomes older than the latest `remembered` are
+    /// forgotten in steps (every 1024 ids), keeping each apply cheap.
     pub fn put_txn_outcome<T: Serialize>(
         &mut self,
         id: u64,
         outcome: &T,
         remembered: u64,
     ) -> Result<(), StorageError> {
-        let mut outcomes = self.txn.open_table(TXN_OUTCOMES)?;
-        outcomes.insert(id, encode_value(outcome).as_slice())?;
         let cutoff = id.saturating_sub(remembered);
+        let mut unflushed = lock_unflushed(&self.unflushed);
+        unflushed.outcomes.insert(id, encode_value(outcome));
         if cutoff > 0 && id & 1023 == 0 {
-            outcomes.retain_in(..cutoff, |_, _| false)?;
+            unflushed.outcomes.retain(|&k, _| k >= cutoff);
+            drop(unflushed);
+            self.txn
+                .open_table(TXN_OUTCOMES)?
+                .retain_in(..cutoff, |_, _| false)?;
         }
         Ok(())
     }
@@ -829,6 +860,9 @@ impl Writer {
         &self,
         id: u64,
     ) -> Result<Option<T>, StorageError> {
+        if let Some(outcome) = lock_unflushed(&self.unflushed).outcomes.get(&id) {
+            return Ok(Some(decode_value("transaction outcome", outcome)?));
+        }
         match self.txn.open_table(TXN_OUTCOMES)?.get(id)? {
             Some(v) => Ok(Some(decode_value("transaction outcome", v.value())?)),
             None => Ok(None),
@@ -850,7 +884,7 @@ impl Writer {
             .open_table(META)?
             .insert(META_COMMIT_INDEX, applied_index)?;
         if durable {
-            self.flush_halves()?;
+            self.flush_unflushed()?;
         } else {
             self.txn
                 .set_durability(redb::Durability::None)
@@ -858,7 +892,7 @@ impl Writer {
         }
         self.txn.commit()?;
         if durable {
-            lock_halves(&self.halves).clear();
+            *lock_unflushed(&self.unflushed) = UnflushedTxns::default();
         }
         Ok(())
     }

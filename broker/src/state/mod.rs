@@ -736,14 +736,14 @@ impl<'b> Applying<'_, 'b> {
         Ok(Output::HalfStored(id))
     }
 
-    /// Removes a pending transaction from the index.
-    fn forget_pending(&mut self, txn_id: u64) -> Option<PendingTxn> {
+    /// Removes a pending transaction from the index; returns the checks made of it.
+    fn forget_pending(&mut self, txn_id: u64) -> Option<u32> {
         let pending = self.machine.index.txns.remove(&txn_id)?;
         self.machine
             .half_ids
-            .remove(&(pending.producer_group.clone(), pending.message_id.clone()));
+            .remove(&(pending.producer_group, pending.message_id));
         self.touched.txns.insert(txn_id);
-        Some(pending)
+        Some(pending.checks)
     }
 
     fn end_txn(&mut self, at_ms: u64, txn_id: u64, commit: bool) -> Result<Output, StorageError> {
@@ -807,7 +807,7 @@ impl<'b> Applying<'_, 'b> {
         let topic = escrow_proto::txn::ABANDONED_TOPIC;
         let mut moved = 0;
         for &id in txn_ids {
-            let Some(pending) = self.forget_pending(id) else {
+            let Some(checks) = self.forget_pending(id) else {
                 continue;
             };
             if !self.machine.index.topics.contains_key(topic) {
@@ -825,7 +825,7 @@ impl<'b> Applying<'_, 'b> {
                 ("escrow-txn-id", id.to_string()),
                 ("escrow-txn-topic", record.topic),
                 ("escrow-txn-producer-group", record.producer_group),
-                ("escrow-txn-checks", pending.checks.to_string()),
+                ("escrow-txn-checks", checks.to_string()),
             ] {
                 message.headers.insert(name.to_string(), value);
             }
@@ -1242,5 +1242,48 @@ mod tests {
         assert!(sm.store().load().unwrap().txns.is_empty());
         assert!(sm.store().read_half(2).unwrap().is_none());
         assert_eq!(sm.index().topics["t"].queues[0].next_offset, 1);
+    }
+
+    #[test]
+    fn outcomes_reach_the_table_only_through_a_durable_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |at_ms, commands| Batch { at_ms, commands };
+        let end = |txn_id, commit| Command::EndTxn { txn_id, commit };
+        let refused = |out: &[Output], code| matches!(out, [Output::Rejected(e)] if e.code == code);
+        let mut sm = open(dir.path());
+        sm.apply(1, &at(10, vec![topic_t(), half("a")])).unwrap();
+        let (commit, rollback) = (at(20, vec![end(1, true)]), at(30, vec![end(1, false)]));
+        let mut applying = sm.begin().unwrap();
+        let out = applying.apply(&commit).unwrap();
+        applying.commit(2, false).unwrap();
+        assert!(matches!(
+            out[..],
+            [Output::TxnEnded(TxnState::Committed(_))]
+        ));
+        // Remembered in memory: a conflicting decision is refused, the same one repeated.
+        let mut applying = sm.begin().unwrap();
+        let out = applying.apply(&rollback).unwrap();
+        assert!(refused(&out, ErrorCode::TXN_CONFLICT), "{out:?}");
+        let out = applying.apply(&commit).unwrap();
+        assert!(matches!(
+            out[..],
+            [Output::TxnEnded(TxnState::Committed(_))]
+        ));
+        applying.commit(3, false).unwrap();
+        assert!(
+            sm.store().outcome_ids().unwrap().is_empty(),
+            "in memory only"
+        );
+
+        // A durable commit writes it; it outlives a reopen.
+        sm.begin().unwrap().commit(3, true).unwrap();
+        assert_eq!(sm.store().outcome_ids().unwrap(), [1]);
+        drop(sm);
+        let mut sm = open(dir.path());
+        assert!(sm.index().txns.is_empty());
+        let out = sm.apply(4, &rollback).unwrap();
+        assert!(refused(&out, ErrorCode::TXN_CONFLICT), "{out:?}");
+        let out = sm.apply(5, &at(40, vec![end(9, true)])).unwrap();
+        assert!(refused(&out, ErrorCode::TXN_UNKNOWN), "{out:?}");
     }
 }
