@@ -13,11 +13,13 @@ cd "$(dirname "$0")/.."
 nodes=${1:-3}
 shift || true
 scenarios=${*:-p256 p1}
-bin=target/release
+bin=${ESCROW_BIN:-target/release} # ESCROW_BIN=dir compares another build
 # One fixed directory, emptied first: on the development VM a never-used directory path
 # measured ~20 % slower at window 256 (guest kernel time +60 %), see docs/performance.md.
 data=${ESCROW_BENCH_DIR:-/tmp/escrow-bench}
 rm -rf "$data" "$data.log"
+# The machine's floor first: figures from different days compare only with these beside them.
+echo "disk (4 KiB write + fdatasync, no broker): $("$bin/escrow-bench" disk --dir "$(dirname "$data")" --count 500 2>&1 | grep -E '^latency|steal' | tr -s ' ' | tr '\n' ' ')"
 if [ "$nodes" = 3 ]; then
   "$bin/escrow" dev --nodes 3 --data-dir "$data" --listen 127.0.0.1:27440 >"$data.log" 2>&1 &
   export ESCROW_SERVER=127.0.0.1:27440,127.0.0.1:27441,127.0.0.1:27442
@@ -34,6 +36,7 @@ for _ in $(seq 100); do
 done
 sleep 1 # let `escrow dev --nodes 3` finish adding its voters
 ticks() { awk '{print $14 + $15, $15}' "/proc/$pid/stat"; }
+steal() { awk '/^cpu /{t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat; }
 "$bin/escrow-bench" publish --size 1024 --count 50000 --window 256 --topic warm >/dev/null
 for s in $scenarios; do
   case $s in
@@ -45,7 +48,9 @@ for s in $scenarios; do
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
   read -r t0 s0 < <(ticks)
+  read -r st0 all0 < <(steal)
   out=$("$bin/escrow-bench" "${args[@]}" --size 1024 2>&1)
   read -r t1 s1 < <(ticks)
-  echo "$s: $(grep -E '^(throughput|latency)' <<<"$out" | tr '\n' ' ') cpu_ticks=$((t1 - t0)) sys=$((s1 - s0))"
+  read -r st1 all1 < <(steal)
+  echo "$s: $(grep -E '^(throughput|latency)' <<<"$out" | tr '\n' ' ') cpu_ticks=$((t1 - t0)) sys=$((s1 - s0)) steal=$((100 * (st1 - st0) / (all1 - all0)))%"
 done

@@ -6,11 +6,13 @@
 //! escrow-bench consume --consumers 4 --rate 5000 --count 50000
 //! escrow-bench txn --window 256 --count 50000
 //! escrow-bench outbox --database-url postgresql://postgres@127.0.0.1/postgres --rows 200000
+//! escrow-bench disk --dir /tmp     # the machine's fdatasync time, no broker involved
 //! ```
 //! Reports msgs/s, MB/s, latency percentiles and the broker's fsync count; `--json FILE`
 //! writes the same as a machine-readable report.
 
 mod consume;
+mod disk;
 mod outbox;
 mod report;
 mod scenarios;
@@ -65,6 +67,8 @@ enum Scenario {
     Txn(txn::TxnArgs),
     /// Outbox relay: PostgreSQL outbox rows published into the broker and marked sent.
     Outbox(outbox::OutboxArgs),
+    /// The disk's floor, no broker: small writes each followed by fdatasync.
+    Disk(disk::DiskArgs),
 }
 
 #[tokio::main]
@@ -77,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Consume(args) => consume::consume(&client, args).await?,
         Scenario::Txn(args) => txn::txn(&client, args).await?,
         Scenario::Outbox(args) => outbox::outbox(&client, args).await?,
+        Scenario::Disk(args) => disk::disk(args)?,
     };
     report.print();
     if let Some(path) = cli.json {

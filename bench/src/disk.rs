@@ -1,0 +1,94 @@
+//! The machine's own floor: how long a small write plus `fdatasync` takes on the disk
+//! the broker uses, and how much of the CPU the hypervisor takes away meanwhile.
+//!
+//! Printed before cluster figures so runs on different days can be compared: the same
+//! build measured 3x slower on a day this reported 3x the sync time and CPU steal.
+
+use crate::report::{histogram, Report, Totals};
+use anyhow::Context;
+use clap::Args;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Args)]
+pub(crate) struct DiskArgs {
+    /// Directory to measure in (a scratch file is created there and removed).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// Bytes per write.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Writes, each followed by `fdatasync`.
+    #[arg(long, default_value_t = 1000)]
+    count: u64,
+}
+
+pub(crate) fn disk(args: DiskArgs) -> anyhow::Result<Report> {
+    let path = args
+        .dir
+        .join(format!(".escrow-bench-disk-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let measured = sync_writes(&file, &args);
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    let (latency, elapsed) = measured?;
+    Ok(Report::new(
+        "disk",
+        serde_json::json!({ "dir": args.dir, "size": args.size, "count": args.count }),
+        Totals {
+            messages: args.count,
+            bytes: args.count * args.size as u64,
+            elapsed,
+            fsyncs: args.count,
+            errors: 0,
+        },
+        &latency,
+    ))
+}
+
+fn sync_writes(
+    file: &std::fs::File,
+    args: &DiskArgs,
+) -> anyhow::Result<(hdrhistogram::Histogram<u64>, std::time::Duration)> {
+    let block = vec![0x5a_u8; args.size];
+    let mut latency = histogram();
+    let steal_before = steal_ticks();
+    let started = Instant::now();
+    for i in 0..args.count {
+        let t = Instant::now();
+        file.write_all_at(&block, i * args.size as u64)?;
+        file.sync_data()?;
+        let _ = latency.record((t.elapsed().as_micros() as u64).max(1));
+    }
+    let elapsed = started.elapsed();
+    if let Some(percent) = steal_percent_since(steal_before) {
+        eprintln!("cpu steal during the run: {percent:.1} %");
+    }
+    Ok((latency, elapsed))
+}
+
+/// (steal, total) CPU ticks from `/proc/stat`, where the kernel reports them.
+fn steal_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Some((*ticks.get(7)?, ticks.iter().sum()))
+}
+
+/// Share of CPU time stolen by the hypervisor since `before`.
+fn steal_percent_since(before: Option<(u64, u64)>) -> Option<f64> {
+    let (steal, total) = steal_ticks()?;
+    let (steal0, total0) = before?;
+    let total = total.checked_sub(total0).filter(|t| *t > 0)?;
+    Some(100.0 * steal.saturating_sub(steal0) as f64 / total as f64)
+}
