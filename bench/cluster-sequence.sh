@@ -19,7 +19,7 @@ bin=${ESCROW_BIN:-target/release} # ESCROW_BIN=dir compares another build
 data=${ESCROW_BENCH_DIR:-/tmp/escrow-bench}
 rm -rf "$data" "$data.log"
 # The machine's floor first: figures from different days compare only with these beside them.
-echo "disk (4 KiB write + fdatasync, no broker): $("$bin/escrow-bench" disk --dir "$(dirname "$data")" --count 500 2>&1 | grep -E '^latency|steal' | tr -s ' ' | tr '\n' ' ')"
+echo "disk (4 KiB write + fdatasync, no broker): $("$bin/escrow-bench" disk --dir "$(dirname "$data")" --count 500 2>&1 | grep -E '^(latency|redb)|steal' | tr -s ' ' | tr '\n' ' ')"
 if [ "$nodes" = 3 ]; then
   "$bin/escrow" dev --nodes 3 --data-dir "$data" --listen 127.0.0.1:27440 >"$data.log" 2>&1 &
   export ESCROW_SERVER=127.0.0.1:27440,127.0.0.1:27441,127.0.0.1:27442

@@ -1,10 +1,11 @@
 //! The machine's own floor: how long a small write plus `fdatasync` takes on the disk
-//! the broker uses, and how much of the CPU the hypervisor takes away meanwhile.
+//! the broker uses, the same through a durable redb commit, and how much of the CPU the
+//! hypervisor takes away meanwhile.
 //!
 //! Printed before cluster figures so runs on different days can be compared: the same
 //! build measured 3x slower on a day this reported 3x the sync time and CPU steal.
 
-use crate::report::{histogram, Report, Totals};
+use crate::report::{histogram, Latency, Report, Totals};
 use anyhow::Context;
 use clap::Args;
 use std::os::unix::fs::FileExt;
@@ -38,6 +39,14 @@ pub(crate) fn disk(args: DiskArgs) -> anyhow::Result<Report> {
     drop(file);
     let _ = std::fs::remove_file(&path);
     let (latency, elapsed) = measured?;
+    let db_path = path.with_extension("redb");
+    let commits = redb_commits(&db_path, &args);
+    let _ = std::fs::remove_file(&db_path);
+    let commits = Latency::of(&commits?);
+    eprintln!(
+        "redb durable commit ({} bytes): p50 {:.3} ms, p99 {:.3} ms",
+        args.size, commits.p50_ms, commits.p99_ms
+    );
     Ok(Report::new(
         "disk",
         serde_json::json!({ "dir": args.dir, "size": args.size, "count": args.count }),
@@ -71,6 +80,27 @@ fn sync_writes(
         eprintln!("cpu steal during the run: {percent:.1} %");
     }
     Ok((latency, elapsed))
+}
+
+/// Durable redb commits of one `size`-byte value each: what the Raft log pays per write
+/// on top of the bare `fdatasync` (redb writes its B-tree pages and header too).
+fn redb_commits(
+    path: &std::path::Path,
+    args: &DiskArgs,
+) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("disk");
+    let db =
+        redb::Database::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let value = vec![0x5a_u8; args.size];
+    let mut latency = histogram();
+    for i in 0..args.count {
+        let t = Instant::now();
+        let txn = db.begin_write()?;
+        txn.open_table(TABLE)?.insert(i, value.as_slice())?;
+        txn.commit()?;
+        let _ = latency.record((t.elapsed().as_micros() as u64).max(1));
+    }
+    Ok(latency)
 }
 
 /// (steal, total) CPU ticks from `/proc/stat`, where the kernel reports them.
