@@ -5,6 +5,7 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    stop_quietly_when_stdout_closes();
     let args = cli::Cli::parse();
     cli::init_tracing(&args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -24,4 +25,28 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of a process ended by SIGPIPE, as shells report it.
+const CLOSED_STDOUT_EXIT: i32 = 128 + 13;
+
+/// `escrow … | head` closes the pipe early: end like other command-line tools (status
+/// 141, nothing on stderr) instead of with the panic `println!` raises on EPIPE. Rust
+/// ignores SIGPIPE, and restoring it would take `unsafe`.
+fn stop_quietly_when_stdout_closes() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        let broken_pipe = format!("{}", std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        if message.starts_with("failed printing to stdout")
+            && (message.contains("os error 32") || message.contains(&broken_pipe))
+        {
+            std::process::exit(CLOSED_STDOUT_EXIT);
+        }
+        report(info);
+    }));
 }
