@@ -2,8 +2,8 @@
 //! the broker uses, the same through a durable redb commit, and how much of the CPU the
 //! hypervisor takes away meanwhile.
 //!
-//! Printed before cluster figures so runs on different days can be compared: the same
-//! build measured 3x slower on a day this reported 3x the sync time and CPU steal.
+//! Printed before cluster figures so runs on different machines or days can be compared
+//! (the same build once ran 3–4x slower on one development VM than on the one before).
 
 use crate::report::{histogram, Latency, Report, Totals};
 use anyhow::Context;
@@ -17,9 +17,9 @@ pub(crate) struct DiskArgs {
     /// Directory to measure in (a scratch file is created there and removed).
     #[arg(long, default_value = ".")]
     dir: PathBuf,
-    /// Bytes per write.
-    #[arg(long, default_value_t = 4096)]
-    size: usize,
+    /// Bytes per write (at most 64 MiB).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=64 << 20))]
+    size: u32,
     /// Writes, each followed by `fdatasync`.
     #[arg(long, default_value_t = 1000)]
     count: u64,
@@ -52,7 +52,7 @@ pub(crate) fn disk(args: DiskArgs) -> anyhow::Result<Report> {
         serde_json::json!({ "dir": args.dir, "size": args.size, "count": args.count }),
         Totals {
             messages: args.count,
-            bytes: args.count * args.size as u64,
+            bytes: args.count * u64::from(args.size),
             elapsed,
             fsyncs: args.count,
             errors: 0,
@@ -65,13 +65,13 @@ fn sync_writes(
     file: &std::fs::File,
     args: &DiskArgs,
 ) -> anyhow::Result<(hdrhistogram::Histogram<u64>, std::time::Duration)> {
-    let block = vec![0x5a_u8; args.size];
+    let block = vec![0x5a_u8; args.size as usize];
     let mut latency = histogram();
     let steal_before = steal_ticks();
     let started = Instant::now();
     for i in 0..args.count {
         let t = Instant::now();
-        file.write_all_at(&block, i * args.size as u64)?;
+        file.write_all_at(&block, i * u64::from(args.size))?;
         file.sync_data()?;
         let _ = latency.record((t.elapsed().as_micros() as u64).max(1));
     }
@@ -91,7 +91,7 @@ fn redb_commits(
     const TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("disk");
     let db =
         redb::Database::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let value = vec![0x5a_u8; args.size];
+    let value = vec![0x5a_u8; args.size as usize];
     let mut latency = histogram();
     for i in 0..args.count {
         let t = Instant::now();
