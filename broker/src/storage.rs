@@ -65,6 +65,14 @@ pub enum StorageError {
         /// Decoder detail.
         detail: String,
     },
+    /// A value could not be encoded for storage (nothing was written).
+    #[error("cannot encode {what}: {detail}")]
+    Encode {
+        /// What was being written.
+        what: &'static str,
+        /// Encoder detail.
+        detail: String,
+    },
     /// The data directory was written by an incompatible version.
     #[error("schema version {found} is not supported (expected {SCHEMA_VERSION})")]
     Schema {
@@ -143,9 +151,15 @@ fn corrupt(what: &'static str, detail: impl ToString) -> StorageError {
     }
 }
 
-fn encode_value<T: Serialize>(value: &T) -> Vec<u8> {
-    // Encoding plain structs into a Vec cannot fail.
-    postcard::to_extend(value, vec![VALUE_VERSION]).unwrap_or_default()
+fn encode_value<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StorageError> {
+    postcard::to_extend(value, vec![VALUE_VERSION]).map_err(|e| encode_failed(what, e))
+}
+
+fn encode_failed(what: &'static str, detail: impl std::fmt::Display) -> StorageError {
+    StorageError::Encode {
+        what,
+        detail: detail.to_string(),
+    }
 }
 
 fn decode_value<T: for<'de> Deserialize<'de>>(
@@ -238,12 +252,12 @@ fn segment_pieces<R: EncodedSize>(records: &[R]) -> Vec<&[R]> {
     pieces
 }
 
-fn encode_segment<R: Serialize>(stored_at_ms: u64, records: &[R]) -> Vec<u8> {
+fn encode_segment<R: Serialize>(stored_at_ms: u64, records: &[R]) -> Result<Vec<u8>, StorageError> {
     let mut buf = Vec::with_capacity(SEGMENT_HEADER_LEN + records.len() * 64);
     buf.push(VALUE_VERSION);
     buf.extend_from_slice(&(records.len() as u32).to_le_bytes());
     buf.extend_from_slice(&stored_at_ms.to_le_bytes());
-    postcard::to_extend(records, buf).unwrap_or_default()
+    postcard::to_extend(records, buf).map_err(|e| encode_failed("segment", e))
 }
 
 /// Everything loaded at startup.
@@ -481,7 +495,7 @@ impl Store {
             let (k, v) = e?;
             image.txn_outcomes.push((k.value(), v.value().to_vec()));
         }
-        Ok(encode_value(&image))
+        encode_value("snapshot image", &image)
     }
 
     /// Replaces every table with an image from [`Store::export`], durably.
@@ -659,7 +673,7 @@ impl Writer {
     pub fn put_topic(&mut self, name: &str, record: &TopicRecord) -> Result<(), StorageError> {
         self.txn
             .open_table(TOPICS)?
-            .insert(name, encode_value(record).as_slice())?;
+            .insert(name, encode_value("topic", record)?.as_slice())?;
         Ok(())
     }
 
@@ -678,7 +692,7 @@ impl Writer {
         for piece in segment_pieces(records) {
             table.insert(
                 (topic_id, queue, base),
-                encode_segment(stored_at_ms, piece).as_slice(),
+                encode_segment(stored_at_ms, piece)?.as_slice(),
             )?;
             base += piece.len() as u64;
         }
@@ -693,9 +707,10 @@ impl Writer {
         queue: u32,
         progress: &QueueProgress,
     ) -> Result<(), StorageError> {
-        self.txn
-            .open_table(PROGRESS)?
-            .insert((group, topic_id, queue), encode_value(progress).as_slice())?;
+        self.txn.open_table(PROGRESS)?.insert(
+            (group, topic_id, queue),
+            encode_value("group progress", progress)?.as_slice(),
+        )?;
         Ok(())
     }
 
@@ -703,7 +718,7 @@ impl Writer {
     pub fn put_producer(&mut self, id: u64, state: &ProducerState) -> Result<(), StorageError> {
         self.txn
             .open_table(PRODUCERS)?
-            .insert(id, encode_value(state).as_slice())?;
+            .insert(id, encode_value("producer state", state)?.as_slice())?;
         Ok(())
     }
 
@@ -820,7 +835,7 @@ impl Writer {
             let mut txns = self.txn.open_table(TXNS)?;
             let mut schedules = self.txn.open_table(TXN_SCHEDULE)?;
             for (id, (record, schedule)) in unflushed.halves.iter() {
-                txns.insert(*id, encode_value(record).as_slice())?;
+                txns.insert(*id, encode_value("half message", record)?.as_slice())?;
                 schedules.insert(*id, *schedule)?;
             }
         }
@@ -843,8 +858,9 @@ impl Writer {
         remembered: u64,
     ) -> Result<(), StorageError> {
         let cutoff = id.saturating_sub(remembered);
+        let encoded = encode_value("transaction outcome", outcome)?;
         let mut unflushed = lock_unflushed(&self.unflushed);
-        unflushed.outcomes.insert(id, encode_value(outcome));
+        unflushed.outcomes.insert(id, encoded);
         if cutoff > 0 && id & 1023 == 0 {
             unflushed.outcomes.retain(|&k, _| k >= cutoff);
             drop(unflushed);
@@ -998,5 +1014,30 @@ mod tests {
         assert!(decode_segment(0, &[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(decode_segment(0, &[1, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(decode_value::<TopicRecord>("topic", &[1, 0xff]).is_err());
+    }
+
+    /// A value the encoder refuses is an error naming it, not an empty value on disk.
+    #[test]
+    fn values_that_cannot_be_encoded_are_refused() {
+        struct Refused;
+        impl Serialize for Refused {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("refused"))
+            }
+        }
+        match encode_value("probe", &Refused) {
+            Err(StorageError::Encode { what, detail }) => {
+                assert_eq!(what, "probe");
+                assert!(!detail.is_empty());
+            }
+            other => panic!("expected an encode error, got {other:?}"),
+        }
+        assert!(matches!(
+            encode_segment(0, &[Refused]),
+            Err(StorageError::Encode {
+                what: "segment",
+                ..
+            })
+        ));
     }
 }
