@@ -186,6 +186,70 @@ async fn a_second_decision_the_other_way_is_refused_and_the_first_stands() -> an
     Ok(())
 }
 
+/// A batch of half messages with refusals among them: each answer keeps its place, the
+/// accepted ones are stored with their own bodies, and the refused ones store nothing.
+#[tokio::test]
+async fn refusals_in_a_batch_of_halves_keep_their_places() -> anyhow::Result<()> {
+    let node = TestNode::start().await?;
+    let client = Client::connect(node.client()).await?;
+    create_topic(&client, "orders").await?;
+    let half = |topic: &str, id: &str| escrow_proto::txn::SendHalf {
+        topic: topic.into(),
+        producer_group: "shop".into(),
+        instance: "shop-1".into(),
+        message: Message::new(id, id.as_bytes().to_vec()),
+        first_check_ms: None,
+    };
+    let batch = vec![
+        half("missing", "a"),
+        half("orders", "b"),
+        half("", "c"),
+        half("orders", "d"),
+    ];
+    let answers = match client.request(&Request::SendHalves(batch)).await? {
+        Response::HalvesSent(answers) => answers,
+        other => anyhow::bail!("unexpected {other:?}"),
+    };
+    let codes: Vec<Option<ErrorCode>> = answers
+        .iter()
+        .map(|a| a.as_ref().err().map(|e| e.code))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            Some(ErrorCode::UNKNOWN_TOPIC),
+            None,
+            Some(ErrorCode::INVALID_ARGUMENT),
+            None
+        ]
+    );
+    let mut ends = Vec::new();
+    for answer in answers.into_iter().flatten() {
+        ends.push(escrow_proto::txn::EndTxn {
+            txn_id: answer.txn_id,
+            decision: TxnDecision::Commit,
+            source: escrow_proto::txn::TxnSource::Producer,
+        });
+    }
+    assert_eq!(
+        pending(&client).await?.len(),
+        2,
+        "only the accepted are pending"
+    );
+    match client.request(&Request::EndTxns(ends)).await? {
+        Response::TxnsEnded(outcomes) => {
+            assert!(outcomes
+                .iter()
+                .all(|o| matches!(o, Ok(o) if matches!(o.state, TxnState::Committed(_)))))
+        }
+        other => anyhow::bail!("unexpected {other:?}"),
+    }
+    let consumer = Consumer::connect(&node.client(), "g", "orders").await?;
+    let ids = escrow_tests::drain_ids(&consumer, Duration::from_millis(300)).await?;
+    assert_eq!(ids.into_iter().collect::<Vec<_>>(), ["b", "d"]);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checker_that_never_knows_ends_in_the_abandoned_topic() -> anyhow::Result<()> {
     let node = TestNode::start_with(|c| {

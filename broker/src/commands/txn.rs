@@ -114,22 +114,30 @@ fn check_batch(len: usize) -> Result<(), ErrorResponse> {
 }
 
 /// Proposes the commands that passed their checks together; refusals keep their place.
+/// The commands are moved, not cloned: each holds a message body.
 async fn propose_valid(
     shared: &Shared,
     prepared: Vec<Result<Command, ErrorResponse>>,
 ) -> Vec<Result<Committed, ErrorResponse>> {
-    let commands: Vec<Command> = prepared
-        .iter()
-        .filter_map(|p| p.as_ref().ok().cloned())
-        .collect();
-    let mut committed = shared.proposer.propose_all(commands).await.into_iter();
-    prepared
+    let mut commands = Vec::with_capacity(prepared.len());
+    let refusals: Vec<Option<ErrorResponse>> = prepared
         .into_iter()
         .map(|p| match p {
-            Ok(_) => committed
+            Ok(command) => {
+                commands.push(command);
+                None
+            }
+            Err(e) => Some(e),
+        })
+        .collect();
+    let mut committed = shared.proposer.propose_all(commands).await.into_iter();
+    refusals
+        .into_iter()
+        .map(|refusal| match refusal {
+            None => committed
                 .next()
                 .unwrap_or_else(|| Err(invalid("missing answer"))),
-            Err(e) => Err(e),
+            Some(e) => Err(e),
         })
         .collect()
 }
