@@ -7,6 +7,7 @@ use clap::Parser;
 /// jemalloc, as TiKV uses: with glibc's malloc a transaction cost 15-20 % more broker
 /// CPU (consolidation before each allocation of 1 KiB or more, slow aligned allocations
 /// in every redb write transaction); publish costs the same. See docs/performance.md.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
