@@ -238,6 +238,7 @@ async fn refusals_in_a_batch_of_halves_keep_their_places() -> anyhow::Result<()>
     );
     match client.request(&Request::EndTxns(ends)).await? {
         Response::TxnsEnded(outcomes) => {
+            assert_eq!(outcomes.len(), 2, "one answer per decision: {outcomes:?}");
             assert!(outcomes
                 .iter()
                 .all(|o| matches!(o, Ok(o) if matches!(o.state, TxnState::Committed(_)))))
