@@ -152,7 +152,7 @@ fn corrupt(what: &'static str, detail: impl ToString) -> StorageError {
 }
 
 fn encode_value<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StorageError> {
-    postcard::to_extend(value, vec![VALUE_VERSION]).map_err(|e| encode_failed(what, e))
+    escrow_proto::frame::encode_after(&[VALUE_VERSION], value).map_err(|e| encode_failed(what, e))
 }
 
 fn encode_failed(what: &'static str, detail: impl std::fmt::Display) -> StorageError {
@@ -253,11 +253,11 @@ fn segment_pieces<R: EncodedSize>(records: &[R]) -> Vec<&[R]> {
 }
 
 fn encode_segment<R: Serialize>(stored_at_ms: u64, records: &[R]) -> Result<Vec<u8>, StorageError> {
-    let mut buf = Vec::with_capacity(SEGMENT_HEADER_LEN + records.len() * 64);
-    buf.push(VALUE_VERSION);
-    buf.extend_from_slice(&(records.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&stored_at_ms.to_le_bytes());
-    postcard::to_extend(records, buf).map_err(|e| encode_failed("segment", e))
+    let mut header = [0u8; SEGMENT_HEADER_LEN];
+    header[0] = VALUE_VERSION;
+    header[1..5].copy_from_slice(&(records.len() as u32).to_le_bytes());
+    header[5..].copy_from_slice(&stored_at_ms.to_le_bytes());
+    escrow_proto::frame::encode_after(&header, records).map_err(|e| encode_failed("segment", e))
 }
 
 /// Everything loaded at startup.

@@ -33,14 +33,25 @@ pub async fn read_header(
 }
 
 /// Reads a payload of `len` bytes (already checked by [`read_header`]).
+///
+/// The buffer is filled from quinn's received chunks rather than zeroed first: zeroing a
+/// large buffer makes the allocator hand back fresh pages, and every frame would pay a
+/// page fault per 4 KiB.
 pub async fn read_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, StreamError> {
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => StreamError::Frame(FrameError::Malformed(
-            format!("stream ended after {n} of {len} payload bytes"),
-        )),
-        quinn::ReadExactError::ReadError(e) => StreamError::Io(e.to_string()),
-    })?;
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        match recv.read_chunk(len - payload.len(), true).await {
+            Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(FrameError::Malformed(format!(
+                    "stream ended after {} of {len} payload bytes",
+                    payload.len()
+                ))
+                .into())
+            }
+            Err(e) => return Err(StreamError::Io(e.to_string())),
+        }
+    }
     Ok(payload)
 }
 
@@ -75,7 +86,8 @@ pub async fn write_frame<T: Serialize>(
     max: u32,
 ) -> Result<(), StreamError> {
     let bytes = frame::encode(value, max)?;
-    send.write_all(&bytes)
+    // Handing quinn the buffer itself spares it a copy of the frame.
+    send.write_chunk(bytes::Bytes::from(bytes))
         .await
         .map_err(|e| StreamError::Io(e.to_string()))?;
     send.finish().map_err(|e| StreamError::Io(e.to_string()))?;

@@ -45,20 +45,39 @@ impl From<FrameError> for ErrorResponse {
     }
 }
 
+/// Encodes `value` after `prefix` into a buffer allocated once at its final size.
+///
+/// Growing the buffer by doubling would copy a large value several times over and, for
+/// buffers of many pages, take fresh pages from the kernel at every step.
+pub fn encode_after<T: Serialize + ?Sized>(prefix: &[u8], value: &T) -> postcard::Result<Vec<u8>> {
+    let size = postcard::experimental::serialized_size(value)?;
+    let mut buf = Vec::with_capacity(prefix.len() + size);
+    buf.extend_from_slice(prefix);
+    postcard::to_extend(value, buf)
+}
+
 /// Encodes `value` as a whole frame (header and payload).
 pub fn encode<T: Serialize>(value: &T, max: u32) -> Result<Vec<u8>, FrameError> {
-    let mut buf = vec![0u8; HEADER_LEN];
-    let mut buf = postcard::to_extend(value, std::mem::take(&mut buf))
+    let size = postcard::experimental::serialized_size(value)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    // Checked before anything is allocated or copied.
+    within_limit(size, max)?;
+    let mut buf = encode_after(&[0u8; HEADER_LEN], value)
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - HEADER_LEN;
+    within_limit(len, max)?;
+    buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+fn within_limit(len: usize, max: u32) -> Result<(), FrameError> {
     if len > max as usize {
         return Err(FrameError::TooLarge {
             len: len as u64,
             max,
         });
     }
-    buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(buf)
+    Ok(())
 }
 
 /// Reads the payload length from a header, refusing lengths over `max`.

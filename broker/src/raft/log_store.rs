@@ -52,7 +52,7 @@ fn logs_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Failure> {
-    postcard::to_allocvec(value).map_err(fail)
+    escrow_proto::frame::encode_after(&[], value).map_err(fail)
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
