@@ -314,6 +314,10 @@ fn write_loop(
     gate: &StallGate,
     ops: mpsc::Receiver<Op>,
 ) {
+    // Entries are encoded here before being cut in chunks; reusing one buffer spares an
+    // allocation of the entry's size (fresh pages, for large ones) per entry. It keeps
+    // the capacity of the largest entry, which a proposer batch bounds (8 MiB of bodies).
+    let mut scratch = Vec::new();
     while let Ok(first) = ops.recv() {
         gate.wait_open();
         let mut batch = vec![first];
@@ -326,7 +330,7 @@ fn write_loop(
         if let Some(bytes) = committed.lock().unwrap_or_else(|e| e.into_inner()).take() {
             batch.push(Op::Meta(COMMITTED, bytes, None));
         }
-        let result = write_batch(db, &batch);
+        let result = write_batch(db, &batch, &mut scratch);
         if result.is_ok() {
             metrics.fsyncs.fetch_add(1, Relaxed);
         }
@@ -357,7 +361,7 @@ fn write_loop(
     }
 }
 
-fn write_batch(db: &Database, batch: &[Op]) -> Result<(), Failure> {
+fn write_batch(db: &Database, batch: &[Op], scratch: &mut Vec<u8>) -> Result<(), Failure> {
     let txn = db.begin_write().map_err(fail)?;
     {
         let mut entries = txn.open_table(ENTRIES).map_err(fail)?;
@@ -366,7 +370,7 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), Failure> {
             match op {
                 Op::Append(list, _) => {
                     for entry in list {
-                        put_entry(&mut entries, entry)?;
+                        put_entry(&mut entries, entry, scratch)?;
                     }
                 }
                 Op::Truncate(from, _) => {
@@ -394,9 +398,11 @@ fn write_batch(db: &Database, batch: &[Op]) -> Result<(), Failure> {
 fn put_entry(
     entries: &mut redb::Table<'_, (u64, u32), &'static [u8]>,
     entry: &Entry,
+    scratch: &mut Vec<u8>,
 ) -> Result<(), Failure> {
-    let bytes = encode(entry)?;
-    for (chunk, piece) in (0u32..).zip(bytes.chunks(CHUNK_BYTES)) {
+    scratch.clear();
+    *scratch = postcard::to_extend(entry, std::mem::take(scratch)).map_err(fail)?;
+    for (chunk, piece) in (0u32..).zip(scratch.chunks(CHUNK_BYTES)) {
         entries
             .insert((entry.log_id.index, chunk), piece)
             .map_err(fail)?;
@@ -609,7 +615,7 @@ mod tests {
         {
             let mut table = txn.open_table(ENTRIES).unwrap();
             for e in &written {
-                put_entry(&mut table, e).unwrap();
+                put_entry(&mut table, e, &mut Vec::new()).unwrap();
             }
             assert!(
                 table.len().unwrap() > written.len() as u64 + 10,
@@ -635,7 +641,7 @@ mod tests {
             Op::Truncate(6, tx.clone()),
             Op::Purge(written[1].log_id, tx),
         ];
-        write_batch(&db, &ops).unwrap();
+        write_batch(&db, &ops, &mut Vec::new()).unwrap();
         drop(rx);
         assert_eq!(indexes(&read(0..=u64::MAX)), vec![3, 4, 5]);
         let txn = db.begin_read().unwrap();
@@ -656,7 +662,7 @@ mod tests {
         let txn = db.begin_write().unwrap();
         {
             let mut table = txn.open_table(ENTRIES).unwrap();
-            put_entry(&mut table, &entry(1, 3 * CHUNK_BYTES)).unwrap();
+            put_entry(&mut table, &entry(1, 3 * CHUNK_BYTES), &mut Vec::new()).unwrap();
             table.remove((1, 1)).unwrap();
         }
         txn.commit().unwrap();
