@@ -315,6 +315,8 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Queued>) {
         let Ok(slot) = shared.requests.clone().acquire_owned().await else {
             return;
         };
+        // Senders woken by the last answer run first and join this batch.
+        tokio::task::yield_now().await;
         let mut bytes = first.message.body.len();
         let topic = first.topic.clone();
         let mut batch = vec![first];
