@@ -51,6 +51,14 @@ impl From<FrameError> for ErrorResponse {
 /// buffers of many pages, take fresh pages from the kernel at every step.
 pub fn encode_after<T: Serialize + ?Sized>(prefix: &[u8], value: &T) -> postcard::Result<Vec<u8>> {
     let size = postcard::experimental::serialized_size(value)?;
+    encode_sized(prefix, value, size)
+}
+
+fn encode_sized<T: Serialize + ?Sized>(
+    prefix: &[u8],
+    value: &T,
+    size: usize,
+) -> postcard::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(prefix.len() + size);
     buf.extend_from_slice(prefix);
     postcard::to_extend(value, buf)
@@ -58,12 +66,11 @@ pub fn encode_after<T: Serialize + ?Sized>(prefix: &[u8], value: &T) -> postcard
 
 /// Encodes `value` as a whole frame (header and payload).
 pub fn encode<T: Serialize>(value: &T, max: u32) -> Result<Vec<u8>, FrameError> {
-    let size = postcard::experimental::serialized_size(value)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let malformed = |e: postcard::Error| FrameError::Malformed(e.to_string());
+    let size = postcard::experimental::serialized_size(value).map_err(malformed)?;
     // Checked before anything is allocated or copied.
     within_limit(size, max)?;
-    let mut buf = encode_after(&[0u8; HEADER_LEN], value)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut buf = encode_sized(&[0u8; HEADER_LEN], value, size).map_err(malformed)?;
     let len = buf.len() - HEADER_LEN;
     within_limit(len, max)?;
     buf[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());

@@ -243,7 +243,7 @@ async fn the_largest_bodies_arrive_intact() -> anyhow::Result<()> {
     let conn = Client::connect(node.client()).await?;
     create_topic(&conn, "blobs", 1).await?;
     let producer = Producer::connect(ProducerConfig::new(node.client())).await?;
-    // A pattern that differs at every offset, so a misplaced or repeated packet shows.
+    // A pattern with a long period, so a misplaced or repeated packet shows.
     let body = |seed: usize| -> Vec<u8> {
         (0..escrow_proto::MAX_BODY_LEN)
             .map(|i| ((i * 31 + i / 251 + seed) % 253) as u8)
