@@ -42,7 +42,7 @@ const TXN_OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("txn_outc
 const SCHEMA_VERSION: u64 = 1;
 /// redb page cache of the state machine (redb's default, 1 GiB per file, would let
 /// three dev nodes in one process grow to gigabytes).
-const STATE_CACHE_BYTES: usize = 256 * 1024 * 1024;
+const STATE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 const VALUE_VERSION: u8 = 1;
 const SEGMENT_HEADER_LEN: usize = 1 + 4 + 8;
 

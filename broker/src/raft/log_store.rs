@@ -35,9 +35,9 @@ const CHUNK_BYTES: usize = 16 * 1024 - 256;
 /// Entries kept in memory beyond those still waiting for their fsync.
 const CACHE_MAX_ENTRIES: usize = 4096;
 /// redb page cache of the log file.
-const LOG_DB_CACHE_BYTES: usize = 64 * 1024 * 1024;
+const LOG_DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Message bytes the cache may hold (unflushed entries are always kept).
-const CACHE_MAX_BYTES: usize = 256 * 1024 * 1024;
+const CACHE_MAX_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
