@@ -301,6 +301,25 @@ impl Shared {
     }
 }
 
+/// Most yields [`settle`] makes before a batch is cut.
+const MAX_SETTLE_YIELDS: usize = 16;
+
+/// Lets the senders woken by the last answer queue before a batch is cut: yields until
+/// the queue stops growing. Like Kafka's `linger.ms` without a timer, a lone sender pays
+/// one yield, and a batch is not cut while its senders are still running on the other
+/// worker threads.
+pub(crate) async fn settle<T>(queue: &mpsc::UnboundedReceiver<T>) {
+    let mut queued = queue.len();
+    for _ in 0..MAX_SETTLE_YIELDS {
+        tokio::task::yield_now().await;
+        let now = queue.len();
+        if now == queued {
+            return;
+        }
+        queued = now;
+    }
+}
+
 /// Forms batches from queued sends: whatever queued up while the request slots were busy.
 async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut carry: Option<Queued> = None;
@@ -315,8 +334,7 @@ async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Queued>) {
         let Ok(slot) = shared.requests.clone().acquire_owned().await else {
             return;
         };
-        // Senders woken by the last answer run first and join this batch.
-        tokio::task::yield_now().await;
+        settle(&rx).await;
         let mut bytes = first.message.body.len();
         let topic = first.topic.clone();
         let mut batch = vec![first];

@@ -121,8 +121,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
                     return;
                 };
-                // Senders woken by the last answer run first and join this batch.
-                tokio::task::yield_now().await;
+                crate::settle(&rx).await;
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
                     match rx.try_recv() {
