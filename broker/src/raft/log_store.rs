@@ -78,7 +78,9 @@ fn entry_bytes(entry: &Entry) -> usize {
                     .iter()
                     .map(|(_, m)| m.body.len() + 64)
                     .sum::<usize>(),
-                _ => 64,
+                // Half messages carry bodies too: counted as 64 bytes, a cache of
+                // transactions grew to its entry bound, ~200 MiB per node.
+                other => other.body_bytes() + 64,
             })
             .sum(),
         _ => 64,
@@ -590,6 +592,35 @@ mod tests {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(Arc::new(batch)),
         }
+    }
+
+    #[test]
+    fn the_cache_bound_counts_half_message_bodies() {
+        let half = Command::SendHalf {
+            half: Box::new(crate::state::command::HalfMessage {
+                topic: "t".into(),
+                queue: 0,
+                producer_group: "g".into(),
+                instance: "i".into(),
+                message: Message::new("h", vec![7; 100_000]),
+            }),
+            first_check_at_ms: 0,
+        };
+        let mut cache = EntryCache::default();
+        for index in 1..=1000 {
+            cache.insert(Entry {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                payload: EntryPayload::Normal(Arc::new(Batch {
+                    at_ms: index,
+                    commands: vec![half.clone()],
+                })),
+            });
+        }
+        assert!(cache.bytes >= 1000 * 100_000, "counted {} bytes", cache.bytes);
+        cache.flushed = 1000;
+        cache.evict();
+        assert!(cache.bytes <= CACHE_MAX_BYTES, "kept {} bytes", cache.bytes);
+        assert!(cache.entries.len() < 1000);
     }
 
     fn indexes(entries: &[Entry]) -> Vec<u64> {
