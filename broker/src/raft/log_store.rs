@@ -616,7 +616,11 @@ mod tests {
                 })),
             });
         }
-        assert!(cache.bytes >= 1000 * 100_000, "counted {} bytes", cache.bytes);
+        assert!(
+            cache.bytes >= 1000 * 100_000,
+            "counted {} bytes",
+            cache.bytes
+        );
         cache.flushed = 1000;
         cache.evict();
         assert!(cache.bytes <= CACHE_MAX_BYTES, "kept {} bytes", cache.bytes);
