@@ -32,6 +32,7 @@ pub mod groups;
 pub mod metrics;
 pub mod proposer;
 pub mod raft;
+pub mod redb_file;
 mod server;
 pub mod state;
 pub mod storage;

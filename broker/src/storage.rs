@@ -95,7 +95,8 @@ from_redb!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    std::io::Error
 );
 
 impl From<StorageError> for ErrorResponse {
@@ -341,7 +342,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StorageError> {
         let db = Database::builder()
             .set_cache_size(STATE_CACHE_BYTES)
-            .create(path)?;
+            .create_with_backend(crate::redb_file::CoalescingFile::open(path)?)?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;

@@ -213,7 +213,7 @@ impl LogStore {
         // Recent entries are served from the entry cache; redb's own cache stays small.
         let db = Database::builder()
             .set_cache_size(LOG_DB_CACHE_BYTES)
-            .create(path)?;
+            .create_with_backend(crate::redb_file::CoalescingFile::open(path)?)?;
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
         txn.open_table(META)?;
