@@ -11,7 +11,6 @@
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
 use std::ops::Bound;
 use std::path::Path;
@@ -92,14 +91,8 @@ impl CoalescingFile {
             .create(true)
             .truncate(false)
             .open(path)?;
-        CoalescingFile::new(file)
-    }
-
-    /// Wraps an open database file.
-    pub fn new(file: File) -> io::Result<CoalescingFile> {
-        let file = FileBackend::new(file).map_err(io::Error::other)?;
         Ok(CoalescingFile {
-            file,
+            file: FileBackend::new(file).map_err(io::Error::other)?,
             held: Mutex::default(),
         })
     }
@@ -194,14 +187,7 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> (CoalescingFile, std::path::PathBuf) {
         let path = dir.path().join("f");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .unwrap();
-        (CoalescingFile::new(file).unwrap(), path)
+        (CoalescingFile::open(&path).unwrap(), path)
     }
 
     #[test]
@@ -245,16 +231,9 @@ mod tests {
         let path = dir.path().join("db.redb");
         const T: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("t");
         let open_db = || {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .unwrap();
             redb::Database::builder()
                 .set_cache_size(1024 * 1024)
-                .create_with_backend(CoalescingFile::new(file).unwrap())
+                .create_with_backend(CoalescingFile::open(&path).unwrap())
                 .unwrap()
         };
         {
