@@ -7,12 +7,15 @@
 //! escrow-bench txn --window 256 --count 50000
 //! escrow-bench outbox --database-url postgresql://postgres@127.0.0.1/postgres --rows 200000
 //! escrow-bench disk --dir /tmp     # the machine's fdatasync time, no broker involved
+//! escrow-bench nats-publish --url nats://127.0.0.1:14222 --replicas 3   # --features nats
 //! ```
 //! Reports msgs/s, MB/s, latency percentiles and the broker's fsync count; `--json FILE`
 //! writes the same as a machine-readable report.
 
 mod consume;
 mod disk;
+#[cfg(feature = "nats")]
+mod nats;
 mod outbox;
 mod report;
 mod scenarios;
@@ -69,6 +72,9 @@ enum Scenario {
     Outbox(outbox::OutboxArgs),
     /// The disk's floor, no broker: small writes each followed by fdatasync.
     Disk(disk::DiskArgs),
+    /// The publish scenario against NATS JetStream, for comparison.
+    #[cfg(feature = "nats")]
+    NatsPublish(nats::NatsArgs),
 }
 
 #[tokio::main]
@@ -82,6 +88,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Txn(args) => txn::txn(&client, args).await?,
         Scenario::Outbox(args) => outbox::outbox(&client, args).await?,
         Scenario::Disk(args) => disk::disk(args)?,
+        #[cfg(feature = "nats")]
+        Scenario::NatsPublish(args) => nats::publish(args).await?,
     };
     report.print();
     if let Some(path) = cli.json {

@@ -1,0 +1,95 @@
+//! A peer in the same run: the publish scenario against NATS JetStream (`--features nats`,
+//! `bench/compare-nats.sh`). Every message is acknowledged by JetStream once stored on the
+//! stream's replicas; with `sync_interval: always` that includes their fsync.
+
+use crate::report::{histogram, Report, Totals};
+use anyhow::Context;
+use async_nats::jetstream::{self, stream};
+use clap::Args;
+use std::time::Instant;
+
+#[derive(Debug, Args)]
+pub(crate) struct NatsArgs {
+    /// NATS server URL.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    url: String,
+    /// Stream made for the run (deleted first if it exists); its subject is `<stream>.bench`.
+    #[arg(long, default_value = "ESCROWBENCH")]
+    stream: String,
+    /// Replicas of the stream.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 100_000)]
+    count: u64,
+    /// Publishes awaiting their acknowledgement at once.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+}
+
+pub(crate) async fn publish(args: NatsArgs) -> anyhow::Result<Report> {
+    let client = async_nats::connect(&args.url)
+        .await
+        .with_context(|| format!("connecting to {}", args.url))?;
+    let js = jetstream::new(client);
+    let subject = format!("{}.bench", args.stream);
+    let _ = js.delete_stream(&args.stream).await;
+    js.create_stream(stream::Config {
+        name: args.stream.clone(),
+        subjects: vec![subject.clone()],
+        num_replicas: args.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .context("creating the stream")?;
+    let body = bytes::Bytes::from(vec![b'x'; args.size]);
+    let mut latency = histogram();
+    let mut acks = tokio::task::JoinSet::new();
+    let mut errors = 0;
+    let mut record = |done: Result<Result<u64, _>, _>| match done {
+        Ok(Ok(us)) => {
+            let _ = latency.record(u64::max(us, 1));
+        }
+        Ok(Err(_)) | Err(_) => errors += 1,
+    };
+    let started = Instant::now();
+    for _ in 0..args.count {
+        if acks.len() >= args.window.max(1) {
+            if let Some(done) = acks.join_next().await {
+                record(done);
+            }
+        }
+        let sent = Instant::now();
+        let ack = js.publish(subject.clone(), body.clone()).await?;
+        acks.spawn(async move {
+            ack.await
+                .map(|_| sent.elapsed().as_micros() as u64)
+                .map_err(|e| e.to_string())
+        });
+    }
+    while let Some(done) = acks.join_next().await {
+        record(done);
+    }
+    let elapsed = started.elapsed();
+    let _ = js.delete_stream(&args.stream).await;
+    let ok = args.count - errors;
+    Ok(Report::new(
+        "nats-publish",
+        serde_json::json!({
+            "url": args.url, "replicas": args.replicas, "size": args.size,
+            "count": args.count, "window": args.window,
+        }),
+        Totals {
+            messages: ok,
+            bytes: ok * args.size as u64,
+            elapsed,
+            fsyncs: 0,
+            errors,
+        },
+        &latency,
+    ))
+}
