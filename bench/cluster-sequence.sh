@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs benchmark scenarios against a fresh `escrow dev` cluster, the way the figures in
-# docs/performance.md were taken: one warm-up, then each scenario in turn, printing
-# throughput, latency and the broker's CPU ticks (user+system, and system alone).
+# Runs benchmark scenarios against a fresh cluster (`escrow dev`, or three `escrow serve`
+# processes), the way the figures in docs/performance.md were taken: one warm-up, then
+# each scenario in turn, printing throughput, latency, the broker's CPU ticks
+# (user+system, and system alone) and its minor page faults.
 #
 #   cargo build --release
 #   bench/cluster-sequence.sh 3 p256 txn p1 p256      # three nodes in one process
