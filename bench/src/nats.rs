@@ -3,6 +3,7 @@
 //! stream's replicas; with `sync_interval: always` that includes their fsync.
 
 use crate::report::{histogram, Report, Totals};
+use crate::scenarios::Load;
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
 use clap::Args;
@@ -19,15 +20,8 @@ pub(crate) struct NatsArgs {
     /// Replicas of the stream.
     #[arg(long, default_value_t = 3)]
     replicas: usize,
-    /// Message body size in bytes.
-    #[arg(long, default_value_t = 1024)]
-    size: usize,
-    /// Messages to publish.
-    #[arg(long, default_value_t = 100_000)]
-    count: u64,
-    /// Publishes awaiting their acknowledgement at once.
-    #[arg(long, default_value_t = 256)]
-    window: usize,
+    #[command(flatten)]
+    load: Load,
 }
 
 pub(crate) async fn publish(args: NatsArgs) -> anyhow::Result<Report> {
@@ -46,7 +40,7 @@ pub(crate) async fn publish(args: NatsArgs) -> anyhow::Result<Report> {
     })
     .await
     .context("creating the stream")?;
-    let body = bytes::Bytes::from(vec![b'x'; args.size]);
+    let body = bytes::Bytes::from(vec![b'x'; args.load.size]);
     let mut latency = histogram();
     let mut acks = tokio::task::JoinSet::new();
     let mut errors = 0;
@@ -57,8 +51,8 @@ pub(crate) async fn publish(args: NatsArgs) -> anyhow::Result<Report> {
         Ok(Err(_)) | Err(_) => errors += 1,
     };
     let started = Instant::now();
-    for _ in 0..args.count {
-        if acks.len() >= args.window.max(1) {
+    for _ in 0..args.load.count {
+        if acks.len() >= args.load.window.max(1) {
             if let Some(done) = acks.join_next().await {
                 record(done);
             }
@@ -76,16 +70,16 @@ pub(crate) async fn publish(args: NatsArgs) -> anyhow::Result<Report> {
     }
     let elapsed = started.elapsed();
     let _ = js.delete_stream(&args.stream).await;
-    let ok = args.count - errors;
+    let ok = args.load.count - errors;
     Ok(Report::new(
         "nats-publish",
         serde_json::json!({
-            "url": args.url, "replicas": args.replicas, "size": args.size,
-            "count": args.count, "window": args.window,
+            "url": args.url, "replicas": args.replicas, "size": args.load.size,
+            "count": args.load.count, "window": args.load.window,
         }),
         Totals {
             messages: ok,
-            bytes: ok * args.size as u64,
+            bytes: ok * args.load.size as u64,
             elapsed,
             fsyncs: 0,
             errors,

@@ -11,6 +11,20 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How much is published: body size, message count and window.
+#[derive(Debug, Args)]
+pub(crate) struct Load {
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) size: usize,
+    /// Messages to publish in total.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) count: u64,
+    /// Messages sent and not yet acknowledged at once, per producer (1 = one at a time).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) window: usize,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct PublishArgs {
     /// Topic (created if missing).
@@ -19,15 +33,8 @@ pub(crate) struct PublishArgs {
     /// Queues of the topic when it is created.
     #[arg(long, default_value_t = 4)]
     queues: u32,
-    /// Body size in bytes.
-    #[arg(long, default_value_t = 1024)]
-    size: usize,
-    /// Messages to publish in total.
-    #[arg(long, default_value_t = 100_000)]
-    count: u64,
-    /// Messages sent and not yet acknowledged at once, per producer (1 = one at a time).
-    #[arg(long, default_value_t = 256)]
-    window: usize,
+    #[command(flatten)]
+    load: Load,
     /// Producers, each with its own connection.
     #[arg(long, default_value_t = 1)]
     producers: u64,
@@ -85,40 +92,40 @@ pub(crate) async fn publish(client: &ClientConfig, args: PublishArgs) -> anyhow:
     let mut producers = Vec::new();
     for _ in 0..args.producers.max(1) {
         let mut config = ProducerConfig::new(client.clone());
-        config.window = args.window.max(1);
+        config.window = args.load.window.max(1);
         config.max_requests_in_flight = args.requests_in_flight.max(1);
         producers.push(Producer::connect(config).await?);
     }
-    let body = vec![b'x'; args.size];
+    let body = vec![b'x'; args.load.size];
     if args.warmup > 0 {
         run_publishers(&producers, &args.topic, &body, args.warmup, None).await?;
     }
     let fsyncs_before = broker_fsyncs(&admin).await?;
     let done = Arc::new(AtomicU64::new(0));
-    let ticker = progress("publish", done.clone(), args.count);
+    let ticker = progress("publish", done.clone(), args.load.count);
     let started = Instant::now();
     let (latency, errors) = run_publishers(
         &producers,
         &args.topic,
         &body,
-        args.count,
+        args.load.count,
         Some(done.clone()),
     )
     .await?;
     let elapsed = started.elapsed();
     ticker.abort();
     let fsyncs = broker_fsyncs(&admin).await? - fsyncs_before;
-    let ok = args.count - errors;
+    let ok = args.load.count - errors;
     Ok(Report::new(
         "publish",
         serde_json::json!({
-            "size": args.size, "count": args.count, "window": args.window,
+            "size": args.load.size, "count": args.load.count, "window": args.load.window,
             "producers": args.producers, "queues": args.queues, "server": client.server,
             "requests_in_flight": args.requests_in_flight,
         }),
         Totals {
             messages: ok,
-            bytes: ok * args.size as u64,
+            bytes: ok * args.load.size as u64,
             elapsed,
             fsyncs,
             errors,
