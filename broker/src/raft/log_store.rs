@@ -78,8 +78,8 @@ fn entry_bytes(entry: &Entry) -> usize {
                     .iter()
                     .map(|(_, m)| m.body.len() + 64)
                     .sum::<usize>(),
-                // Half messages carry bodies too: counted as 64 bytes, a cache of
-                // transactions grew to its entry bound, ~200 MiB per node.
+                // Half messages carry bodies too (counted as 64 bytes, a cache of
+                // transactions grew to its 4,096-entry bound, ~200 MiB per node).
                 other => other.body_bytes() + 64,
             })
             .sum(),
