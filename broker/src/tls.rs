@@ -189,6 +189,7 @@ pub fn peer_configs(
     transport.stream_receive_window((64u32 * 1024 * 1024).into());
     transport.receive_window((256u32 * 1024 * 1024).into());
     transport.send_window(256 * 1024 * 1024);
+    transport.mtu_discovery_config(Some(escrow_client::mtu_discovery()));
     let transport = Arc::new(transport);
     let quic_server =
         quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_error)?;

@@ -23,7 +23,10 @@ pub mod tls;
 pub mod wire;
 
 pub use client::Client;
-pub use connection::{endpoint, transport_config, unexpected, ClientConfig, Connection};
+pub use connection::{
+    endpoint, mtu_discovery, transport_config, unexpected, ClientConfig, Connection,
+    MAX_UDP_PAYLOAD,
+};
 pub use error::ClientError;
 pub use tls::Trust;
 

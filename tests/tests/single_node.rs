@@ -275,3 +275,29 @@ async fn the_largest_bodies_arrive_intact() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Loopback carries datagrams far above Ethernet's 1452 bytes; MTU discovery must find
+/// that, or every replication batch goes out in four times as many packets.
+#[tokio::test]
+async fn loopback_connections_grow_past_the_ethernet_mtu() -> anyhow::Result<()> {
+    let node = TestNode::start().await?;
+    let conn = escrow_client::Connection::connect(&node.client()).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Requests keep the connection busy while discovery probes.
+        conn.request(&Request::Stats).await?;
+        let mtu = conn.quic().stats().path.current_mtu;
+        if mtu > 1452 {
+            assert!(
+                mtu <= escrow_client::MAX_UDP_PAYLOAD,
+                "mtu {mtu} above the bound"
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "path MTU still {mtu} after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
