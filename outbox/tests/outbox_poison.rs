@@ -222,18 +222,23 @@ async fn redb_poison_row_is_parked_and_counted_while_others_flow() -> anyhow::Re
         let _ = stopped.await;
     }));
     let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
+    // The relay counts a round right after committing it, so the table can show the
+    // parked row a moment before the counters do: wait for both.
+    let (status, counters) = loop {
         let st = outbox.status_now()?;
-        if st.pending == 0 && st.parked == 1 {
-            break st;
+        let counters = metrics.snapshot();
+        if st.pending == 0 && st.parked == 1 && counters.parked == 1 && counters.published >= 100 {
+            break (st, counters);
         }
-        anyhow::ensure!(Instant::now() < deadline, "never settled: {st:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "never settled: {st:?} {counters:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.parked_rows[0].id, poison);
     assert_eq!(status.parked_rows[0].attempts, 4);
     assert!(status.parked_rows[0].last_error.contains("UNKNOWN_TOPIC"));
-    let counters = metrics.snapshot();
     assert_eq!(counters.published, 100);
     assert_eq!(counters.parked, 1);
     assert_eq!(counters.row_failures, 4);
