@@ -38,6 +38,10 @@ const CACHE_MAX_ENTRIES: usize = 4096;
 const LOG_DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Message bytes the cache may hold (unflushed entries are always kept).
 const CACHE_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// How often the committed-index hint rides along with a log write. It only shortens a
+/// restart's replay, and leaving it out keeps the meta table's pages (a leaf and its
+/// table-root update) out of most log commits.
+const COMMITTED_HINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -143,7 +147,7 @@ impl EntryCache {
 }
 
 /// A write for the writer thread, applied in submission order.
-/// (`Meta` without a waiter is the committed-index hint, folded into the next write.)
+/// (`Meta` without a waiter is the committed-index hint, folded into a later write.)
 enum Op {
     Append(Vec<Entry>, LogFlushed<TypeConfig>),
     Truncate(u64, mpsc::SyncSender<Result<(), Failure>>),
@@ -203,7 +207,8 @@ pub struct LogStore {
     db: Arc<Database>,
     cache: Arc<Mutex<EntryCache>>,
     writer: Arc<Writer>,
-    /// The latest committed log id, written along with the next durable batch.
+    /// The latest committed log id, written with a later durable batch (at most every
+    /// [`COMMITTED_HINT_EVERY`], or with any meta write) and when the store closes.
     committed: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
@@ -320,6 +325,7 @@ fn write_loop(
     // allocation of the entry's size (fresh pages, for large ones) per entry. It keeps
     // the capacity of the largest entry, which a proposer batch bounds (8 MiB of bodies).
     let mut scratch = Vec::new();
+    let mut hint_written: Option<std::time::Instant> = None;
     while let Ok(first) = ops.recv() {
         gate.wait_open();
         let mut batch = vec![first];
@@ -329,8 +335,14 @@ fn write_loop(
                 break;
             }
         }
-        if let Some(bytes) = committed.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            batch.push(Op::Meta(COMMITTED, bytes, None));
+        // Due by time, or free when the batch writes the meta table anyway.
+        let hint_due = hint_written.is_none_or(|t| t.elapsed() >= COMMITTED_HINT_EVERY)
+            || batch.iter().any(|op| !matches!(op, Op::Append(..)));
+        if hint_due {
+            if let Some(bytes) = committed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                batch.push(Op::Meta(COMMITTED, bytes, None));
+                hint_written = Some(std::time::Instant::now());
+            }
         }
         let result = write_batch(db, &batch, &mut scratch);
         if result.is_ok() {
@@ -360,6 +372,10 @@ fn write_loop(
                 Op::Meta(_, _, None) => {}
             }
         }
+    }
+    // The store is closing: keep the latest hint for the next start.
+    if let Some(bytes) = committed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = write_batch(db, &[Op::Meta(COMMITTED, bytes, None)], &mut scratch);
     }
 }
 
@@ -592,6 +608,29 @@ mod tests {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(Arc::new(batch)),
         }
+    }
+
+    fn log_id(index: u64) -> Option<LogId> {
+        Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 1),
+            index,
+        ))
+    }
+
+    #[tokio::test]
+    async fn the_committed_hint_rides_with_a_meta_write_and_is_kept_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        let metrics = Arc::new(Metrics::default());
+        let mut store = LogStore::open(&path, metrics.clone()).unwrap();
+        store.save_committed(log_id(7)).await.unwrap();
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert_eq!(store.read_committed().await.unwrap(), log_id(7));
+        // Not due yet by time: it waits for a later write, or the close.
+        store.save_committed(log_id(9)).await.unwrap();
+        drop(store);
+        let mut reopened = LogStore::open(&path, metrics).unwrap();
+        assert_eq!(reopened.read_committed().await.unwrap(), log_id(9));
     }
 
     #[test]
