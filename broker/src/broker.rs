@@ -60,6 +60,11 @@ pub(crate) struct Shared {
     pub(crate) leases: Mutex<HashMap<GroupTopic, GroupLeases>>,
     /// Raft term the leases were granted in; a new term discards them.
     pub(crate) lease_term: AtomicU64,
+    /// The term of this node's vote and its last log index when it started. A node that
+    /// led before a restart leads again at once in the same term, with its applied index
+    /// wherever the committed hint left it: in that term it serves once it has applied
+    /// that far. (A later term has its own first entry to wait for.)
+    pub(crate) log_at_start: (u64, Option<u64>),
     pub(crate) round_robin: AtomicU32,
     /// Producer instances polling for transaction check-backs (leader-local).
     pub(crate) checks: crate::txn::CheckRegistry,
@@ -94,9 +99,11 @@ impl Shared {
             let metrics = self.raft.metrics();
             let m = metrics.borrow();
             let me = self.config.node_id;
-            let caught_up = m
-                .last_applied
-                .is_some_and(|l| l.leader_id.term == m.current_term);
+            let (start_term, start_index) = self.log_at_start;
+            let caught_up = m.last_applied.is_some_and(|l| {
+                l.leader_id.term == m.current_term
+                    && (m.current_term != start_term || Some(l.index) >= start_index)
+            });
             if m.state != ServerState::Leader || m.current_leader != Some(me) || !caught_up {
                 let leader = m
                     .current_leader
@@ -162,6 +169,22 @@ impl Broker {
         );
         let sm = StateMachineStore::new(machine).map_err(|e| StartError::Raft(e.to_string()))?;
         let log = LogStore::open(&config.data_dir.join("raft-log.redb"), metrics.clone())?;
+        let log_at_start = {
+            use openraft::storage::RaftLogStorage;
+            let mut probe = log.clone();
+            let state = probe
+                .get_log_state()
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+            let vote = probe
+                .read_vote()
+                .await
+                .map_err(|e| StartError::Raft(e.to_string()))?;
+            (
+                vote.map_or(0, |v| v.leader_id().term),
+                state.last_log_id.map(|l| l.index),
+            )
+        };
 
         let (peer_server, peer_client) =
             crate::tls::peer_configs(&config.tls.cert, &config.tls.key, &config.tls.ca)?;
@@ -249,6 +272,7 @@ impl Broker {
             log,
             leases: Mutex::new(HashMap::new()),
             lease_term: AtomicU64::new(0),
+            log_at_start,
             round_robin: AtomicU32::new(0),
             checks: crate::txn::CheckRegistry::default(),
             metrics,

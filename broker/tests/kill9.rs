@@ -6,13 +6,13 @@ use escrow_producer::{Producer, ProducerConfig};
 use escrow_proto::{CreateTopic, Message, Request};
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Child;
 
 mod common;
+use common::Process;
 use std::time::Duration;
 
 /// Starts `escrow dev` on a free loopback port and returns it with its address.
-fn spawn_dev(dir: &Path) -> anyhow::Result<(Child, String)> {
+fn spawn_dev(dir: &Path) -> anyhow::Result<(Process, String)> {
     let dir = dir.display().to_string();
     let (child, first) = common::spawn_escrow(&[
         "dev",
@@ -39,7 +39,7 @@ fn client(addr: &str, dir: &Path) -> ClientConfig {
 }
 
 /// Starts `escrow dev` in `dir` and creates the topic "orders" with `queues` queues.
-async fn dev_with_orders(dir: &Path, queues: u32) -> anyhow::Result<(Child, String)> {
+async fn dev_with_orders(dir: &Path, queues: u32) -> anyhow::Result<(Process, String)> {
     let (child, addr) = spawn_dev(dir)?;
     Connection::connect(&client(&addr, dir))
         .await?

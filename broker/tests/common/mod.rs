@@ -9,15 +9,41 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A child process that is killed (SIGKILL) when dropped, so a failing test leaves
+/// nothing running.
+pub(crate) struct Process(Child);
+
+impl std::ops::Deref for Process {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `escrow ARGS`, waits for the first line it prints (its banner) and keeps
 /// draining its output so it never writes to a closed pipe.
-pub(crate) fn spawn_escrow(args: &[&str]) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(ESCROW)
-        .args(args)
-        .env("RUST_LOG", "warn,openraft=off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
+pub(crate) fn spawn_escrow(args: &[&str]) -> anyhow::Result<(Process, String)> {
+    let mut child = Process(
+        Command::new(ESCROW)
+            .args(args)
+            .env("RUST_LOG", "warn,openraft=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    );
     let stdout = child
         .stdout
         .take()
@@ -38,7 +64,7 @@ pub(crate) struct Node {
     pub(crate) client: String,
     pub(crate) raft: String,
     config: PathBuf,
-    child: Option<Child>,
+    child: Option<Process>,
 }
 
 impl Node {
