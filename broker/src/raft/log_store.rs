@@ -66,10 +66,15 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
 /// A contiguous run of the newest entries, shared (not copied) with readers.
 #[derive(Debug, Default)]
 struct EntryCache {
-    entries: BTreeMap<u64, (Entry, usize)>,
+    /// Each entry with its size and the number of the append that brought it.
+    entries: BTreeMap<u64, (Entry, usize, u64)>,
     bytes: usize,
-    /// Highest index known to be on disk; nothing above it may be evicted.
-    flushed: u64,
+    /// Appends handed to the writer so far; they are numbered in queue order.
+    submitted: u64,
+    /// Appends the writer has made durable (it completes them in queue order). Only
+    /// their entries may be evicted: an index alone would not do, since a truncation
+    /// can replace entries while the write of the old ones is still in flight.
+    durable: u64,
 }
 
 fn entry_bytes(entry: &Entry) -> usize {
@@ -92,10 +97,13 @@ fn entry_bytes(entry: &Entry) -> usize {
 }
 
 impl EntryCache {
-    fn insert(&mut self, entry: Entry) {
+    fn insert(&mut self, entry: Entry, append: u64) {
         let size = entry_bytes(&entry);
         self.bytes += size;
-        if let Some((_, old)) = self.entries.insert(entry.log_id.index, (entry, size)) {
+        if let Some((_, old, _)) = self
+            .entries
+            .insert(entry.log_id.index, (entry, size, append))
+        {
             self.bytes -= old;
         }
     }
@@ -103,8 +111,8 @@ impl EntryCache {
     fn evict(&mut self) {
         while self.entries.len() > CACHE_MAX_ENTRIES || self.bytes > CACHE_MAX_BYTES {
             match self.entries.first_key_value() {
-                Some((&index, _)) if index <= self.flushed => {
-                    if let Some((_, size)) = self.entries.remove(&index) {
+                Some((&index, (_, _, append))) if *append <= self.durable => {
+                    if let Some((_, size, _)) = self.entries.remove(&index) {
                         self.bytes -= size;
                     }
                 }
@@ -116,7 +124,7 @@ impl EntryCache {
     fn remove(&mut self, range: impl RangeBounds<u64>) {
         let keys: Vec<u64> = self.entries.range(range).map(|(k, _)| *k).collect();
         for k in keys {
-            if let Some((_, size)) = self.entries.remove(&k) {
+            if let Some((_, size, _)) = self.entries.remove(&k) {
                 self.bytes -= size;
             }
         }
@@ -136,20 +144,21 @@ impl EntryCache {
         Some(
             self.entries
                 .range((range.start_bound().cloned(), range.end_bound().cloned()))
-                .map(|(_, (e, _))| e.clone())
+                .map(|(_, (e, _, _))| e.clone())
                 .collect(),
         )
     }
 
     fn last(&self) -> Option<LogId> {
-        self.entries.last_key_value().map(|(_, (e, _))| e.log_id)
+        self.entries.last_key_value().map(|(_, (e, _, _))| e.log_id)
     }
 }
 
 /// A write for the writer thread, applied in submission order.
 /// (`Meta` without a waiter is the committed-index hint, folded into a later write.)
 enum Op {
-    Append(Vec<Entry>, LogFlushed<TypeConfig>),
+    /// Entries, the append's number (see [`EntryCache::submitted`]) and its callback.
+    Append(Vec<Entry>, u64, LogFlushed<TypeConfig>),
     Truncate(u64, mpsc::SyncSender<Result<(), Failure>>),
     Purge(LogId, mpsc::SyncSender<Result<(), Failure>>),
     Meta(
@@ -348,22 +357,22 @@ fn write_loop(
         if result.is_ok() {
             metrics.fsyncs.fetch_add(1, Relaxed);
         }
-        let flushed = batch
+        let durable = batch
             .iter()
             .filter_map(|op| match op {
-                Op::Append(entries, _) => entries.last().map(|e| e.log_id.index),
+                Op::Append(_, append, _) => Some(*append),
                 _ => None,
             })
             .max();
-        if let (Ok(()), Some(index)) = (&result, flushed) {
+        if let (Ok(()), Some(append)) = (&result, durable) {
             let mut c = lock(cache);
-            c.flushed = c.flushed.max(index);
+            c.durable = c.durable.max(append);
             c.evict();
         }
         for op in batch {
             let outcome = result.as_ref().map(|_| ()).map_err(|e| fail(&e.0));
             match op {
-                Op::Append(_, callback) => {
+                Op::Append(_, _, callback) => {
                     callback.log_io_completed(outcome.map_err(|e| std::io::Error::other(e.0)))
                 }
                 Op::Truncate(_, done) | Op::Purge(_, done) | Op::Meta(_, _, Some(done)) => {
@@ -386,7 +395,7 @@ fn write_batch(db: &Database, batch: &[Op], scratch: &mut Vec<u8>) -> Result<(),
         let mut meta = txn.open_table(META).map_err(fail)?;
         for op in batch {
             match op {
-                Op::Append(list, _) => {
+                Op::Append(list, _, _) => {
                     for entry in list {
                         put_entry(&mut entries, entry, scratch)?;
                     }
@@ -554,14 +563,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        {
-            let mut cache = self.cache();
-            for entry in &entries {
-                cache.insert(entry.clone());
-            }
+        let mut cache = self.cache();
+        cache.submitted += 1;
+        let append = cache.submitted;
+        for entry in &entries {
+            cache.insert(entry.clone(), append);
         }
         // Readable now (from the cache); the callback fires after the writer's fsync.
-        self.send(Op::Append(entries, callback))
+        // Queued under the cache lock, so appends reach the writer in their numbers' order.
+        self.send(Op::Append(entries, append, callback))
             .map_err(|e| logs_err(ErrorVerb::Write, e))
     }
 
@@ -569,7 +579,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut cache = self.cache();
             cache.remove(log_id.index..);
-            cache.flushed = cache.flushed.min(log_id.index.saturating_sub(1));
         }
         self.submit(|done| Op::Truncate(log_id.index, done))
             .await
@@ -647,23 +656,53 @@ mod tests {
         };
         let mut cache = EntryCache::default();
         for index in 1..=1000 {
-            cache.insert(Entry {
-                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-                payload: EntryPayload::Normal(Arc::new(Batch {
-                    at_ms: index,
-                    commands: vec![half.clone()],
-                })),
-            });
+            cache.insert(
+                Entry {
+                    log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                    payload: EntryPayload::Normal(Arc::new(Batch {
+                        at_ms: index,
+                        commands: vec![half.clone()],
+                    })),
+                },
+                1,
+            );
         }
         assert!(
             cache.bytes >= 1000 * 100_000,
             "counted {} bytes",
             cache.bytes
         );
-        cache.flushed = 1000;
+        cache.durable = 1;
         cache.evict();
         assert!(cache.bytes <= CACHE_MAX_BYTES, "kept {} bytes", cache.bytes);
         assert!(cache.entries.len() < 1000);
+    }
+
+    #[test]
+    fn entries_that_replaced_truncated_ones_stay_cached_until_their_own_write() {
+        let big = CACHE_MAX_BYTES / 4;
+        let mut cache = EntryCache::default();
+        // Append 1 (entries 1..=4) is queued; a new leader truncates from 3 and append 2
+        // brings other entries 3 and 4 before the writer finishes append 1.
+        for index in 1..=4 {
+            cache.insert(entry(index, big), 1);
+        }
+        cache.remove(3..);
+        for index in 3..=6 {
+            cache.insert(entry(index, big), 2);
+        }
+        cache.durable = 1;
+        cache.evict();
+        let kept: Vec<u64> = cache.entries.keys().copied().collect();
+        assert_eq!(
+            kept,
+            vec![3, 4, 5, 6],
+            "entries not yet written must not be evicted (a read would go to the disk, \
+             which holds the old entries or none)"
+        );
+        cache.durable = 2;
+        cache.evict();
+        assert!(cache.bytes <= CACHE_MAX_BYTES);
     }
 
     fn indexes(entries: &[Entry]) -> Vec<u64> {
