@@ -206,10 +206,19 @@ where
 
     pub(crate) command_state: CommandState,
 
+    /// (escrow patch) When the oldest committed entry this follower has not applied yet was
+    /// reported committed.
+    pub(crate) follower_apply_waiting_since: Option<InstantOf<C>>,
+
     pub(crate) span: Span,
 
     pub(crate) _p: PhantomData<SM>,
 }
+
+/// (escrow patch) A follower applies once this many committed entries wait...
+pub(crate) const FOLLOWER_APPLY_ENTRIES: u64 = 16;
+/// (escrow patch) ...or once the oldest has waited this long.
+pub(crate) const FOLLOWER_APPLY_DELAY: Duration = Duration::from_millis(5);
 
 impl<C, N, LS, SM> RaftCore<C, N, LS, SM>
 where
@@ -1139,9 +1148,33 @@ where
 
         let is_ok = self.engine.handle_append_entries(&req.vote, req.prev_log_id, req.entries, Some(tx));
 
-        if is_ok {
+        if is_ok && self.follower_apply_due(req.leader_commit.as_ref()) {
             self.engine.handle_commit_entries(req.leader_commit);
         }
+    }
+
+    /// (escrow patch) Whether a follower should apply what the leader reports committed now.
+    ///
+    /// A follower applies in batches: once [`FOLLOWER_APPLY_ENTRIES`] entries are waiting, or
+    /// the oldest has waited [`FOLLOWER_APPLY_DELAY`] (checked on the next AppendEntries; the
+    /// leader's heartbeats bound the wait when it is idle). Every apply is a state-machine
+    /// transaction, and the leader commits (and tells its followers) once per round, so
+    /// applying at each round costs followers a transaction per message at a window of 1.
+    /// Followers serve no reads; a node that becomes leader applies everything committed
+    /// before it serves.
+    fn follower_apply_due(&mut self, leader_committed: Option<&LogId<C::NodeId>>) -> bool {
+        let committed = std::cmp::min(self.engine.state.accepted(), leader_committed);
+        let waiting = committed.next_index().saturating_sub(self.engine.state.committed().next_index());
+        if waiting == 0 {
+            return false;
+        }
+        let now = C::now();
+        let since = *self.follower_apply_waiting_since.get_or_insert(now);
+        if waiting < FOLLOWER_APPLY_ENTRIES && now - since < FOLLOWER_APPLY_DELAY {
+            return false;
+        }
+        self.follower_apply_waiting_since = None;
+        true
     }
 
     // TODO: Make this method non-async. It does not need to run any async command in it.
