@@ -679,10 +679,10 @@ where
 
                 self.committed = c;
 
-                // If there is no action, fill in an heartbeat action to send committed index.
-                if self.next_action.is_none() {
-                    self.next_action = Some(Data::new_heartbeat());
-                }
+                // (escrow patch) No heartbeat just to carry the committed index: it rides with
+                // the next AppendEntries or the next periodic heartbeat. Followers apply in
+                // batches anyway (`RaftCore::follower_apply_due`), and at a window of 1 this
+                // RPC doubled the messages between leader and followers.
             }
             Replicate::Heartbeat => {
                 // Never overwrite action with payload.
