@@ -216,9 +216,9 @@ where
 }
 
 /// (escrow patch) A follower applies once this many committed entries wait...
-pub(crate) const FOLLOWER_APPLY_ENTRIES: u64 = 16;
+pub(crate) const FOLLOWER_APPLY_ENTRIES: u64 = 64;
 /// (escrow patch) ...or once the oldest has waited this long.
-pub(crate) const FOLLOWER_APPLY_DELAY: Duration = Duration::from_millis(5);
+pub(crate) const FOLLOWER_APPLY_DELAY: Duration = Duration::from_millis(20);
 
 impl<C, N, LS, SM> RaftCore<C, N, LS, SM>
 where
