@@ -19,7 +19,9 @@ const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Proposals that may wait before publishers are pushed back.
 const QUEUE_DEPTH: usize = 16 * 1024;
 /// Entries handed to Raft and not yet committed; more proposals wait and batch up.
-const MAX_ENTRIES_IN_FLIGHT: usize = 16;
+/// (16 made smaller entries for the same messages: window 256 ran ~5 % slower, transactions
+/// ~10 %, three nodes, 2026-12-01.)
+const MAX_ENTRIES_IN_FLIGHT: usize = 4;
 
 /// A command's durable outcome.
 #[derive(Debug)]
