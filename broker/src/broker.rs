@@ -99,12 +99,7 @@ impl Shared {
             let metrics = self.raft.metrics();
             let m = metrics.borrow();
             let me = self.config.node_id;
-            let (start_term, start_index) = self.log_at_start;
-            let caught_up = m.last_applied.is_some_and(|l| {
-                l.leader_id.term == m.current_term
-                    && (m.current_term != start_term || Some(l.index) >= start_index)
-            });
-            if m.state != ServerState::Leader || m.current_leader != Some(me) || !caught_up {
+            if !serves_as_leader(&m, me, self.log_at_start) {
                 let leader = m
                     .current_leader
                     .filter(|l| *l != me)
@@ -118,6 +113,20 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Whether node `me` may answer leader-only requests: it leads, and it has applied an entry
+/// of its current term (so everything committed before it). In the term it restarted in
+/// (`log_at_start`: the vote's term and the last log index at start; openraft restarts a
+/// former leader as leader in the same term) it must also have applied its whole log as
+/// it was at start, since entries of that term may predate the restart.
+fn serves_as_leader(m: &crate::raft::Metrics, me: u64, log_at_start: (u64, Option<u64>)) -> bool {
+    let (start_term, start_index) = log_at_start;
+    let caught_up = m.last_applied.is_some_and(|l| {
+        l.leader_id.term == m.current_term
+            && (m.current_term != start_term || Some(l.index) >= start_index)
+    });
+    m.state == ServerState::Leader && m.current_leader == Some(me) && caught_up
 }
 
 /// A running broker node.
@@ -429,5 +438,59 @@ async fn housekeeping(
         if let Err(e) = proposer.propose(command()).await {
             tracing::debug!(error = %e, "housekeeping command not applied");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leader_metrics(term: u64, applied: Option<(u64, u64)>) -> crate::raft::Metrics {
+        let mut m = openraft::RaftMetrics::new_initial(1);
+        m.state = ServerState::Leader;
+        m.current_leader = Some(1);
+        m.current_term = term;
+        m.last_applied = applied
+            .map(|(t, index)| openraft::LogId::new(openraft::CommittedLeaderId::new(t, 1), index));
+        m
+    }
+
+    #[test]
+    fn a_leader_restarted_in_its_term_serves_only_once_its_log_at_start_is_applied() {
+        // Restarted in term 5 with entries up to 100, all of term 5.
+        let at_start = (5, Some(100));
+        assert!(!serves_as_leader(
+            &leader_metrics(5, Some((5, 90))),
+            1,
+            at_start
+        ));
+        assert!(serves_as_leader(
+            &leader_metrics(5, Some((5, 100))),
+            1,
+            at_start
+        ));
+        // Elected in a later term: its own first entry of that term is the mark.
+        assert!(!serves_as_leader(
+            &leader_metrics(6, Some((5, 100))),
+            1,
+            at_start
+        ));
+        assert!(serves_as_leader(
+            &leader_metrics(6, Some((6, 101))),
+            1,
+            at_start
+        ));
+        assert!(!serves_as_leader(&leader_metrics(6, None), 1, at_start));
+    }
+
+    #[test]
+    fn only_the_current_leader_serves() {
+        let mut follower = leader_metrics(6, Some((6, 101)));
+        follower.state = ServerState::Follower;
+        follower.current_leader = Some(2);
+        assert!(!serves_as_leader(&follower, 1, (5, Some(100))));
+        let mut stale = leader_metrics(6, Some((6, 101)));
+        stale.current_leader = Some(2);
+        assert!(!serves_as_leader(&stale, 1, (5, Some(100))));
     }
 }
