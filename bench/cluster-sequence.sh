@@ -7,8 +7,7 @@
 #   cargo build --release
 #   bench/cluster-sequence.sh 3 p256 txn p1 p256      # three nodes in one process
 #   bench/cluster-sequence.sh 1 p256 p1               # one node
-#   bench/cluster-sequence.sh 3p p256 txn p1          # three `escrow serve` processes,
-#                                                     # one async worker each (ESCROW_NODE_WORKERS)
+#   bench/cluster-sequence.sh 3p p256 txn p1          # three `escrow serve` processes
 #
 # Scenarios: p256, p1024, p1 (publish at windows 256, 1024, 1), txn, txn1 (half + commit).
 set -euo pipefail
@@ -41,10 +40,7 @@ cert = "$data/n$i/tls/node.pem"
 key = "$data/n$i/tls/node.key"
 ca = "$data/ca/ca.pem"
 EOF
-    # One async worker per node unless told otherwise: three processes with a worker per
-    # core each would run six workers on this machine's two cores (window 256 measured
-    # 27,596 msgs/s that way against 32,143-36,629 with one, 2026-12-01).
-    TOKIO_WORKER_THREADS=${ESCROW_NODE_WORKERS:-1} "$bin/escrow" serve --config "$data/n$i.toml" >>"$data.log" 2>&1 &
+    "$bin/escrow" serve --config "$data/n$i.toml" >>"$data.log" 2>&1 &
     pids+=($!)
   done
   export ESCROW_SERVER=127.0.0.1:27440,127.0.0.1:27441,127.0.0.1:27442 ESCROW_CA=$data/ca/ca.pem
