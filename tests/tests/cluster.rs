@@ -99,17 +99,23 @@ fn assert_none_lost(acked: &BTreeSet<String>, stored: &BTreeSet<String>) {
     );
 }
 
+/// A cluster of three voters with topic `t`: the cluster, its leader, a client, a producer.
+async fn three_voters_with_topic() -> anyhow::Result<(TestCluster, usize, Client, Producer)> {
+    let cluster = TestCluster::voters(3).await?;
+    let leader = cluster.wait_leader(&[0, 1, 2]).await?;
+    let client = Client::connect(cluster.client()).await?;
+    create_topic(&client).await?;
+    let producer = Producer::connect(producer_config(&cluster)).await?;
+    Ok((cluster, leader, client, producer))
+}
+
 /// Followers apply committed entries in batches (a patch to the vendored openraft), yet
 /// when writes stop the leader's heartbeats still bring every follower to the leader's
 /// applied index: a handful of writes, fewer than a batch, are applied within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_apply_the_last_writes_once_the_leader_goes_idle() -> anyhow::Result<()> {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
-    let cluster = TestCluster::voters(3).await?;
-    let leader = cluster.wait_leader(&[0, 1, 2]).await?;
-    let client = Client::connect(cluster.client()).await?;
-    create_topic(&client).await?;
-    let producer = Producer::connect(producer_config(&cluster)).await?;
+    let (cluster, leader, _client, producer) = three_voters_with_topic().await?;
     for i in 0..5 {
         producer
             .send("t", Message::new(format!("m{i}"), vec![1; 10]))
@@ -136,11 +142,7 @@ async fn followers_apply_the_last_writes_once_the_leader_goes_idle() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_counts_itself_toward_the_quorum_only_after_its_own_fsync() -> anyhow::Result<()> {
     let _turn = ONE_CLUSTER_AT_A_TIME.lock().await;
-    let cluster = TestCluster::voters(3).await?;
-    let leader = cluster.wait_leader(&[0, 1, 2]).await?;
-    let client = Client::connect(cluster.client()).await?;
-    create_topic(&client).await?;
-    let producer = Producer::connect(producer_config(&cluster)).await?;
+    let (cluster, leader, client, producer) = three_voters_with_topic().await?;
     let send = |id: &str| {
         let producer = producer.clone();
         let message = Message::new(id, id.as_bytes().to_vec());
