@@ -7,8 +7,10 @@
 use super::filter::{NetworkFilter, Verdict};
 use super::{NodeAddr, Raft, TypeConfig};
 use escrow_client::wire::{read_frame, write_frame};
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{
+    InstallSnapshotError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -100,6 +102,16 @@ struct PeerError {
     reason: String,
 }
 
+/// Why an RPC got no reply.
+#[derive(Debug)]
+enum CallError {
+    /// No connection, or it failed: openraft backs off before the next try.
+    Unreachable(PeerError),
+    /// The request went out on a live connection and the reply did not come in time (a
+    /// follower's slow fsync, say): openraft tries again at once, without a back-off.
+    TimedOut(Duration),
+}
+
 impl PeerClient {
     fn error(&self, reason: impl std::fmt::Display) -> PeerError {
         PeerError {
@@ -130,14 +142,26 @@ impl PeerClient {
         Ok(conn)
     }
 
-    async fn call(&mut self, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, PeerError> {
+    async fn call(&mut self, rpc: RaftRpc, ttl: Duration) -> Result<RaftReply, CallError> {
         match self.filter.check(self.me, self.target) {
-            Verdict::Drop => return Err(self.error("dropped by the network filter")),
+            Verdict::Drop => {
+                return Err(CallError::Unreachable(
+                    self.error("dropped by the network filter"),
+                ))
+            }
             Verdict::Pass(Some(delay)) => tokio::time::sleep(delay).await,
             Verdict::Pass(None) => {}
         }
+        let deadline = tokio::time::Instant::now() + ttl;
+        let conn = match tokio::time::timeout_at(deadline, self.connection()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(self.drop_connection(e)),
+            Err(_) => {
+                let e = self.error("timed out connecting");
+                return Err(self.drop_connection(e));
+            }
+        };
         let exchange = async {
-            let conn = self.connection().await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.error(e))?;
             write_frame(&mut send, &rpc, MAX_RAFT_FRAME)
                 .await
@@ -146,14 +170,34 @@ impl PeerClient {
                 .await
                 .map_err(|e| self.error(e))
         };
-        let result = match tokio::time::timeout(ttl, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(self.error("timed out")),
-        };
-        if result.is_err() {
-            self.conn = None;
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(self.drop_connection(e)),
+            // The connection stays: a slow reply says nothing against it.
+            Err(_) => Err(CallError::TimedOut(ttl)),
         }
-        result
+    }
+
+    fn drop_connection(&mut self, e: PeerError) -> CallError {
+        self.conn = None;
+        CallError::Unreachable(e)
+    }
+
+    /// The openraft error for a call that got no reply.
+    fn rpc_error<E: std::error::Error>(
+        &self,
+        action: RPCTypes,
+        e: CallError,
+    ) -> RPCError<u64, NodeAddr, E> {
+        match e {
+            CallError::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            CallError::TimedOut(timeout) => RPCError::Timeout(Timeout {
+                action,
+                id: self.me,
+                target: self.target,
+                timeout,
+            }),
+        }
     }
 }
 
@@ -181,7 +225,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(_) => Err(wrong_reply(self.target)),
-            Err(e) => Err(unreachable(e)),
+            Err(e) => Err(self.rpc_error(RPCTypes::AppendEntries, e)),
         }
     }
 
@@ -199,7 +243,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(_) => Err(wrong_reply(self.target)),
-            Err(e) => Err(unreachable(e)),
+            Err(e) => Err(self.rpc_error(RPCTypes::InstallSnapshot, e)),
         }
     }
 
@@ -214,7 +258,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(_) => Err(wrong_reply(self.target)),
-            Err(e) => Err(unreachable(e)),
+            Err(e) => Err(self.rpc_error(RPCTypes::Vote, e)),
         }
     }
 }
@@ -266,4 +310,64 @@ async fn serve_connection(incoming: quinn::Incoming, raft: Raft) {
         while streams.try_join_next().is_some() {}
     }
     streams.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: vec![],
+        }
+    }
+
+    /// A follower whose log write hangs answers nothing on a live connection: that is a
+    /// timeout, retried at once. Only a peer that cannot be reached makes openraft back off
+    /// (500 ms): a slow fsync on both followers used to stall a leader for that long.
+    #[tokio::test]
+    async fn an_unanswered_request_times_out_and_an_absent_peer_is_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = crate::tls::ensure_dev_tls(dir.path(), &[]).unwrap();
+        let (server, client) =
+            crate::tls::peer_configs(&tls.node_cert, &tls.node_key, &tls.ca_cert).unwrap();
+        let silent = escrow_client::endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Some(incoming) = silent.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                while let Ok(stream) = conn.accept_bi().await {
+                    open.push(stream);
+                }
+            }
+        });
+        let mut endpoint = escrow_client::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        endpoint.set_default_client_config(client);
+        let mut factory = NetworkFactory::new(1, endpoint, Arc::default());
+        let ttl = RPCOption::new(Duration::from_millis(300));
+
+        let node = |addr: SocketAddr| NodeAddr {
+            raft_addr: addr.to_string(),
+            client_addr: String::new(),
+        };
+        let mut slow = factory.new_client(2, &node(silent_addr)).await;
+        let err = slow
+            .append_entries(heartbeat(), ttl.clone())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
+
+        let absent = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut gone = factory.new_client(3, &node(absent)).await;
+        let err = gone.append_entries(heartbeat(), ttl).await.unwrap_err();
+        assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+        hold.abort();
+    }
 }
