@@ -83,8 +83,11 @@ impl Default for RaftTuning {
     fn default() -> Self {
         RaftTuning {
             heartbeat_ms: 100,
-            election_min_ms: 500,
-            election_max_ms: 1000,
+            // A follower waits for its own fsync in openraft 0.9's core; one that stalled for
+            // 400 ms on the development VM called an election against a healthy leader when
+            // it woke up (2026-12-01). One to two seconds, as etcd and Kafka's KRaft default to.
+            election_min_ms: 1000,
+            election_max_ms: 2000,
             max_payload_entries: 64,
             snapshot_after_entries: 50_000,
             keep_after_snapshot: 1000,
