@@ -178,22 +178,10 @@ impl Broker {
         );
         let sm = StateMachineStore::new(machine).map_err(|e| StartError::Raft(e.to_string()))?;
         let log = LogStore::open(&config.data_dir.join("raft-log.redb"), metrics.clone())?;
-        let log_at_start = {
-            use openraft::storage::RaftLogStorage;
-            let mut probe = log.clone();
-            let state = probe
-                .get_log_state()
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))?;
-            let vote = probe
-                .read_vote()
-                .await
-                .map_err(|e| StartError::Raft(e.to_string()))?;
-            (
-                vote.map_or(0, |v| v.leader_id().term),
-                state.last_log_id.map(|l| l.index),
-            )
-        };
+        let log_at_start = log
+            .vote_term_and_last_index()
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let (peer_server, peer_client) =
             crate::tls::peer_configs(&config.tls.cert, &config.tls.key, &config.tls.ca)?;

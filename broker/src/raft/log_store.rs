@@ -295,6 +295,17 @@ impl LogStore {
         value.map(|v| decode(v.value())).transpose()
     }
 
+    /// The term of the stored vote and the last log index, as the store holds them now.
+    pub async fn vote_term_and_last_index(&self) -> Result<(u64, Option<u64>), StorageError> {
+        let mut probe = self.clone();
+        let state = probe.get_log_state().await?;
+        let vote = probe.read_vote().await?;
+        Ok((
+            vote.map_or(0, |v| v.leader_id().term),
+            state.last_log_id.map(|l| l.index),
+        ))
+    }
+
     /// The last committed log id this node has recorded (for status reports).
     pub fn committed(&self) -> Option<LogId> {
         self.read_meta::<Option<LogId>>(COMMITTED)
