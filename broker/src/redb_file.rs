@@ -7,6 +7,10 @@
 //! window 256. Nothing is made durable any later than before: every write reaches the
 //! file before the `fdatasync` that redb asked for, and redb never relied on the order
 //! of writes between two syncs (the kernel does not keep it either).
+//!
+//! Long runs (bulk data: message bodies) leave the page cache once synced: redb keeps its
+//! own cache of hot pages, and a page cache that grows with every byte written takes
+//! fresh memory all the time (see [`drop_from_page_cache`]).
 
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
@@ -21,10 +25,33 @@ const MAX_HELD_BYTES: usize = 8 * 1024 * 1024;
 /// Largest single write a run of contiguous pages is joined into.
 const MAX_RUN_BYTES: usize = 1024 * 1024;
 
+/// Runs at least this long are dropped from the page cache once synced: bulk data
+/// (message bodies), which redb's own cache holds while it is hot.
+const MIN_DROPPED_RUN_BYTES: usize = 64 * 1024;
+
+/// Asks the kernel to drop the whole pages of a synced run from its page cache.
+///
+/// The run is clean after `fdatasync`, so this frees its pages at once for the next
+/// writes. Without it the page cache takes fresh memory for every byte the databases
+/// grow by, and on the VMs we measure on fresh memory costs a fault to the host per page:
+/// writing new pages ran at 0.6 GB/s against 8 GB/s over cached ones (`dd`, 250 MiB).
+/// Only whole pages inside the run are dropped, so no partial page is ever read back.
+fn drop_from_page_cache(file: &std::fs::File, offset: u64, len: usize) {
+    const PAGE: u64 = 4096;
+    let start = offset.div_ceil(PAGE) * PAGE;
+    let end = (offset + len as u64) / PAGE * PAGE;
+    if let Some(len) = end.checked_sub(start).and_then(std::num::NonZeroU64::new) {
+        // Advice only: a refusal changes speed, never data.
+        let _ = rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::DontNeed);
+    }
+}
+
 /// redb's file backend with page writes held until the next sync (see the module docs).
 #[derive(Debug)]
 pub struct CoalescingFile {
     file: FileBackend,
+    /// The same file, for advice to the page cache.
+    advised: std::fs::File,
     held: Mutex<Held>,
 }
 
@@ -35,6 +62,8 @@ struct Held {
     bytes: usize,
     /// Reused buffer a run of contiguous writes is joined in.
     joined: Vec<u8>,
+    /// Long runs written to the file since the last sync, as (offset, length).
+    long_runs: Vec<(u64, usize)>,
 }
 
 impl Held {
@@ -64,7 +93,7 @@ impl Held {
             let contiguous = run_start + self.joined.len() as u64 == offset;
             if !(contiguous && self.joined.len() + data.len() <= MAX_RUN_BYTES) {
                 if !self.joined.is_empty() {
-                    file.write(run_start, &self.joined)?;
+                    self.write_run(file, run_start)?;
                 }
                 self.joined.clear();
                 run_start = offset;
@@ -72,11 +101,21 @@ impl Held {
             self.joined.extend_from_slice(&data);
         }
         if !self.joined.is_empty() {
-            file.write(run_start, &self.joined)?;
+            self.write_run(file, run_start)?;
         }
         self.joined.clear();
         if self.joined.capacity() > MAX_RUN_BYTES {
             self.joined.shrink_to(MAX_RUN_BYTES);
+        }
+        Ok(())
+    }
+}
+
+impl Held {
+    fn write_run(&mut self, file: &FileBackend, offset: u64) -> io::Result<()> {
+        file.write(offset, &self.joined)?;
+        if self.joined.len() >= MIN_DROPPED_RUN_BYTES {
+            self.long_runs.push((offset, self.joined.len()));
         }
         Ok(())
     }
@@ -92,6 +131,7 @@ impl CoalescingFile {
             .truncate(false)
             .open(path)?;
         Ok(CoalescingFile {
+            advised: file.try_clone()?,
             file: FileBackend::new(file).map_err(io::Error::other)?,
             held: Mutex::default(),
         })
@@ -124,8 +164,15 @@ impl StorageBackend for CoalescingFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.held().write_out(&self.file)?;
-        self.file.sync_data()
+        let mut held = self.held();
+        held.write_out(&self.file)?;
+        let long_runs = std::mem::take(&mut held.long_runs);
+        drop(held);
+        self.file.sync_data()?;
+        for (offset, len) in long_runs {
+            drop_from_page_cache(&self.advised, offset, len);
+        }
+        Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -211,6 +258,26 @@ mod tests {
         for (page, want) in on_disk.chunks(4096).zip([0u8, 1, 2, 3]) {
             assert!(page.iter().all(|&b| b == want), "page of {want}");
         }
+    }
+
+    #[test]
+    fn a_long_run_dropped_from_the_page_cache_after_sync_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, path) = open(&dir);
+        // Unaligned at both ends, so the partial first and last pages are kept cached.
+        let run: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        f.write(1000, &run).unwrap();
+        f.sync_data().unwrap();
+        // A short write into a dropped page, then read across both.
+        f.write(40_000, &[7; 100]).unwrap();
+        let mut expected = vec![0u8; 1000];
+        expected.extend_from_slice(&run);
+        expected[40_000..40_100].fill(7);
+        let mut out = vec![0; expected.len()];
+        f.read(0, &mut out).unwrap();
+        assert_eq!(out, expected, "through the backend");
+        f.sync_data().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expected, "on disk");
     }
 
     #[test]
