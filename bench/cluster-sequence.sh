@@ -2,7 +2,8 @@
 # Runs benchmark scenarios against a fresh cluster (`escrow dev`, or three `escrow serve`
 # processes), the way the figures in docs/performance.md were taken: one warm-up, then
 # each scenario in turn, printing throughput, latency, the broker's CPU ticks
-# (user+system, and system alone) and its minor page faults.
+# (user+system, and system alone), its minor page faults and the megabytes written to the
+# data directory's disk.
 #
 #   cargo build --release
 #   bench/cluster-sequence.sh 3 p256 txn p1 p256      # three nodes in one process
@@ -74,6 +75,9 @@ sleep 1 # let `escrow dev --nodes 3` finish adding its voters
 # CPU ticks (user+system, system) and minor page faults of every broker process together.
 ticks() { for p in "${pids[@]}"; do cat "/proc/$p/stat"; done | awk '{t += $14 + $15; s += $15; f += $10} END {print t, s, f}'; }
 steal() { awk '/^cpu /{t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t}' /proc/stat; }
+# Bytes written to the data directory's block device (all writers on it, in MB).
+disk=$(basename "$(df --output=source "$(dirname "$data")" | tail -1)")
+disk_mb() { awk -v d="$disk" '$3 == d {print int($10 * 512 / 1000000)}' /proc/diskstats; }
 "$bin/escrow-bench" publish --size 1024 --count 50000 --window 256 --topic warm >/dev/null
 for s in $scenarios; do
   case $s in
@@ -86,8 +90,10 @@ for s in $scenarios; do
   esac
   read -r t0 s0 f0 < <(ticks)
   read -r st0 all0 < <(steal)
+  mb0=$(disk_mb)
   out=$("$bin/escrow-bench" "${args[@]}" --size 1024 2>&1)
   read -r t1 s1 f1 < <(ticks)
   read -r st1 all1 < <(steal)
-  echo "$s: $(grep -E '^(throughput|latency)' <<<"$out" | tr '\n' ' ') cpu_ticks=$((t1 - t0)) sys=$((s1 - s0)) faults=$((f1 - f0)) steal=$((100 * (st1 - st0) / (all1 - all0)))%"
+  mb1=$(disk_mb)
+  echo "$s: $(grep -E '^(throughput|latency)' <<<"$out" | tr '\n' ' ') cpu_ticks=$((t1 - t0)) sys=$((s1 - s0)) faults=$((f1 - f0)) steal=$((100 * (st1 - st0) / (all1 - all0)))% disk_written=$((${mb1:-0} - ${mb0:-0}))MB"
 done
