@@ -10,7 +10,9 @@
 #   bench/cluster-sequence.sh 1 p256 p1               # one node
 #   bench/cluster-sequence.sh 3p p256 txn p1          # three `escrow serve` processes
 #
-# Scenarios: p256, p1024, p1 (publish at windows 256, 1024, 1), txn, txn1 (half + commit).
+# Scenarios: p256, p1024, p1 (publish at windows 256, 1024, 1), txn, txn1 (half + commit),
+# d1, d4 (a new consumer group drains 100,000 messages with 1 or 4 consumers; put a
+# publish scenario first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${1:-3}
@@ -81,17 +83,19 @@ disk_mb() { awk -v d="$disk" '$3 == d {print int($10 * 512 / 1000000)}' /proc/di
 "$bin/escrow-bench" publish --size 1024 --count 50000 --window 256 --topic warm >/dev/null
 for s in $scenarios; do
   case $s in
-    p256) args=(publish --count 200000 --window 256) ;;
-    p1024) args=(publish --count 200000 --window 1024) ;;
-    p1) args=(publish --count 3000 --window 1) ;;
-    txn) args=(txn --count 50000 --window 256) ;;
-    txn1) args=(txn --count 2000 --window 1) ;;
+    p256) args=(publish --count 200000 --window 256 --size 1024) ;;
+    p1024) args=(publish --count 200000 --window 1024 --size 1024) ;;
+    p1) args=(publish --count 3000 --window 1 --size 1024) ;;
+    txn) args=(txn --count 50000 --window 256 --size 1024) ;;
+    txn1) args=(txn --count 2000 --window 1 --size 1024) ;;
+    # A new group reads what the publish scenarios before it stored, from the start.
+    d1 | d4) args=(drain --count 100000 --consumers "${s#d}" --group "drain-$s-$RANDOM") ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
   read -r t0 s0 f0 < <(ticks)
   read -r st0 all0 < <(steal)
   mb0=$(disk_mb)
-  out=$("$bin/escrow-bench" "${args[@]}" --size 1024 2>&1)
+  out=$("$bin/escrow-bench" "${args[@]}" 2>&1)
   read -r t1 s1 f1 < <(ticks)
   read -r st1 all1 < <(steal)
   mb1=$(disk_mb)

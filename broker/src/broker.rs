@@ -178,6 +178,7 @@ impl Broker {
         );
         let sm = StateMachineStore::new(machine).map_err(|e| StartError::Raft(e.to_string()))?;
         let log = LogStore::open(&config.data_dir.join("raft-log.redb"), metrics.clone())?;
+        store.attach_log(Arc::new(log.clone()));
         let log_at_start = log
             .vote_term_and_last_index()
             .await

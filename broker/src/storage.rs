@@ -4,7 +4,9 @@
 //! - `meta`: `&str -> u64` — schema version, last applied log index.
 //! - `topics`: topic name -> `TopicRecord`.
 //! - `segments`: `(topic id, queue, base offset)` -> a segment: `[version][count u32][stored_at u64][postcard Vec<Record>]`.
-//!   One segment holds the messages one commit appended to one queue.
+//!   One segment holds the messages one commit appended to one queue. A published body
+//!   stays in the Raft log entry that brought it (the record says where, [`BodyAt`]): each
+//!   node writes it to disk once. Snapshots carry bodies inline.
 //! - `group_progress`: `(group, topic id, queue)` -> `QueueProgress`.
 //! - `producers`: producer id -> `ProducerState` (idempotent publishing).
 //! - `raft_meta`: `&str` -> bytes owned by the Raft adapter (last applied log id, membership).
@@ -39,7 +41,8 @@ const TXNS: TableDefinition<u64, &[u8]> = TableDefinition::new("txns");
 const TXN_SCHEDULE: TableDefinition<u64, (u32, u64)> = TableDefinition::new("txn_schedule");
 const TXN_OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("txn_outcomes");
 
-const SCHEMA_VERSION: u64 = 1;
+/// 2: records may leave their body in the Raft log.
+const SCHEMA_VERSION: u64 = 2;
 /// redb page cache of the state machine (redb's default, 1 GiB per file, would let
 /// three dev nodes in one process grow to gigabytes).
 const STATE_CACHE_BYTES: usize = 32 * 1024 * 1024;
@@ -123,15 +126,73 @@ pub struct Record {
     pub message: Message,
     /// Producer id and this message's own sequence.
     pub producer: Option<ProducerSequence>,
+    /// Where the body is when it was left in the Raft log (the stored message's body is
+    /// then empty). [`Store::read`] returns records with their body in place and this `None`.
+    pub body_in_log: Option<BodyAt>,
+}
+
+/// A body left in the Raft log: the `ordinal`-th record of the `Append` commands of the
+/// committed entry at `index` (in command order, see `Batch::append_bodies`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyAt {
+    /// Log index of the entry.
+    pub index: u64,
+    /// Position among the entry's appended records.
+    pub ordinal: u32,
+}
+
+/// Read access to the Raft log, for bodies stored there.
+pub trait LogBodies: Send + Sync + std::fmt::Debug {
+    /// The bodies at `ordinals` of the committed entry at `index`, in the order asked.
+    fn bodies(&self, index: u64, ordinals: &[u32]) -> Result<Vec<Vec<u8>>, String>;
+    /// Returns once the log holds every entry up to `index` durably.
+    fn wait_durable(&self, index: u64) -> Result<(), String>;
 }
 
 /// A record to store, borrowing its message from the log entry (no copy of the body).
-#[derive(Debug, Serialize)]
+/// It encodes as a [`Record`]; with `body_in_log` set, without the body.
+#[derive(Debug)]
 pub struct RecordRef<'a> {
     /// The message as published (borrowed from the log entry when it can be).
     pub message: std::borrow::Cow<'a, Message>,
     /// Producer id and this message's own sequence.
     pub producer: Option<ProducerSequence>,
+    /// Set when the body stays in the Raft log.
+    pub body_in_log: Option<BodyAt>,
+}
+
+impl Serialize for RecordRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut record = serializer.serialize_struct("Record", 3)?;
+        match self.body_in_log {
+            Some(_) => record.serialize_field("message", &WithoutBody(&self.message))?,
+            None => record.serialize_field("message", &self.message)?,
+        }
+        record.serialize_field("producer", &self.producer)?;
+        record.serialize_field("body_in_log", &self.body_in_log)?;
+        record.end()
+    }
+}
+
+/// Encodes a [`Message`] as if its body were empty (no copy of the rest).
+struct WithoutBody<'a>(&'a Message);
+
+impl Serialize for WithoutBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let m = self.0;
+        let mut out = serializer.serialize_struct("Message", 8)?;
+        out.serialize_field("id", &m.id)?;
+        out.serialize_field("key", &m.key)?;
+        out.serialize_field("message_group", &m.message_group)?;
+        out.serialize_field("tags", &m.tags)?;
+        out.serialize_field("headers", &m.headers)?;
+        out.serialize_field("body", serde_bytes::Bytes::new(&[]))?;
+        out.serialize_field("born_at_ms", &m.born_at_ms)?;
+        out.serialize_field("deliver_at_ms", &m.deliver_at_ms)?;
+        out.end()
+    }
 }
 
 /// A decoded segment.
@@ -230,7 +291,10 @@ impl EncodedSize for Record {
 
 impl EncodedSize for RecordRef<'_> {
     fn encoded_size_bound(&self) -> usize {
-        message_size_bound(&self.message)
+        match self.body_in_log {
+            Some(_) => message_size_bound(&self.message) - self.message.body.len() + 16,
+            None => message_size_bound(&self.message),
+        }
     }
 }
 
@@ -335,6 +399,8 @@ struct UnflushedTxns {
 pub struct Store {
     db: Database,
     unflushed: Unflushed,
+    /// The Raft log, once attached: published bodies are then left there.
+    log: std::sync::OnceLock<Arc<dyn LogBodies>>,
 }
 
 impl Store {
@@ -369,7 +435,63 @@ impl Store {
         Ok(Store {
             db,
             unflushed: Unflushed::default(),
+            log: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Lets later applies leave published bodies in `log` instead of copying them here.
+    /// A store without a log (tests, tools) keeps every body inline.
+    pub fn attach_log(&self, log: Arc<dyn LogBodies>) {
+        let _ = self.log.set(log);
+    }
+
+    /// The attached Raft log.
+    pub fn log(&self) -> Option<&Arc<dyn LogBodies>> {
+        self.log.get()
+    }
+
+    /// Puts every body left in the log back into its record, one log read per entry.
+    fn fill_bodies<'r>(
+        &self,
+        records: impl IntoIterator<Item = &'r mut Record>,
+    ) -> Result<(), StorageError> {
+        let mut wanted: BTreeMap<u64, Vec<(u32, &'r mut Record)>> = BTreeMap::new();
+        for record in records {
+            if let Some(at) = record.body_in_log {
+                wanted
+                    .entry(at.index)
+                    .or_default()
+                    .push((at.ordinal, record));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let log = self
+            .log
+            .get()
+            .ok_or_else(|| corrupt("segment", "a body is in the Raft log, but no log is open"))?;
+        for (index, records) in wanted {
+            let ordinals: Vec<u32> = records.iter().map(|(o, _)| *o).collect();
+            let bodies = log
+                .bodies(index, &ordinals)
+                .map_err(|e| corrupt("message body in the Raft log", e))?;
+            if bodies.len() != records.len() {
+                return Err(corrupt(
+                    "message body in the Raft log",
+                    format!(
+                        "entry {index}: asked {} bodies, got {}",
+                        records.len(),
+                        bodies.len()
+                    ),
+                ));
+            }
+            for ((_, record), body) in records.into_iter().zip(bodies) {
+                record.message.body = body;
+                record.body_in_log = None;
+            }
+        }
+        Ok(())
     }
 
     /// Reads topics, queue ends and group progress (as of the last commit; half
@@ -460,7 +582,16 @@ impl Store {
         }
         for e in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = e?;
-            image.segments.push((k.value(), v.value().to_vec()));
+            let key = k.value();
+            // A snapshot is self-contained: bodies come out of the log into the image.
+            let mut segment = decode_segment(key.2, v.value())?;
+            if segment.records.iter().any(|r| r.body_in_log.is_some()) {
+                self.fill_bodies(segment.records.iter_mut())?;
+                let inline = encode_segment(segment.stored_at_ms, &segment.records)?;
+                image.segments.push((key, inline));
+            } else {
+                image.segments.push((key, v.value().to_vec()));
+            }
         }
         for e in txn.open_table(PROGRESS)?.iter()? {
             let (k, v) = e?;
@@ -629,6 +760,7 @@ impl Store {
             })?;
             out.push((offset, segment.stored_at_ms, record));
         }
+        self.fill_bodies(out.iter_mut().map(|(_, _, record)| record))?;
         Ok(out)
     }
 }
@@ -925,6 +1057,7 @@ mod tests {
             .map(|i| Record {
                 message: Message::new(format!("m{i}"), vec![i as u8; body_len]),
                 producer: None,
+                body_in_log: None,
             })
             .collect()
     }
@@ -1002,11 +1135,75 @@ mod tests {
         let one_large = [Record {
             message: Message::new("big", vec![7; 40_000]),
             producer: None,
+            body_in_log: None,
         }];
         let mut w = store.begin().unwrap();
         w.put_segment(1, 0, 70, 300, &one_large).unwrap();
         w.commit(2, true).unwrap();
         assert_eq!(store.read(1, 0, &[70]).unwrap()[0].2, one_large[0]);
+    }
+
+    #[test]
+    fn a_record_ref_encodes_as_a_record_with_or_without_its_body() {
+        let mut message = Message::new("m1", vec![5; 300]);
+        message.key = Some("k".into());
+        message.message_group = Some("g".into());
+        message.tags = vec!["t1".into(), "t2".into()];
+        message.headers.insert("h".into(), "v".into());
+        message.born_at_ms = 1_700_000_000_000;
+        message.deliver_at_ms = Some(1_700_000_000_500);
+        let producer = Some(ProducerSequence {
+            producer_id: 9,
+            first_sequence: 4,
+        });
+        let whole = RecordRef {
+            message: std::borrow::Cow::Borrowed(&message),
+            producer,
+            body_in_log: None,
+        };
+        let decoded: Record =
+            postcard::from_bytes(&postcard::to_allocvec(&whole).unwrap()).unwrap();
+        assert_eq!(decoded.message, message);
+        assert_eq!(decoded.body_in_log, None);
+        let at = BodyAt {
+            index: 77,
+            ordinal: 3,
+        };
+        let bodyless = RecordRef {
+            body_in_log: Some(at),
+            ..whole
+        };
+        let bytes = postcard::to_allocvec(&bodyless).unwrap();
+        let decoded: Record = postcard::from_bytes(&bytes).unwrap();
+        let expected = Message {
+            body: Vec::new(),
+            ..message.clone()
+        };
+        assert_eq!(decoded.message, expected, "every field but the body");
+        assert_eq!(decoded.producer, producer);
+        assert_eq!(decoded.body_in_log, Some(at));
+        assert!(bytes.len() < 100, "no body bytes: {}", bytes.len());
+        assert!(bodyless.encoded_size_bound() >= bytes.len());
+    }
+
+    #[test]
+    fn a_body_in_the_log_without_a_log_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let message = Message::new("m0", vec![1; 10]);
+        let records = [RecordRef {
+            message: std::borrow::Cow::Borrowed(&message),
+            producer: None,
+            body_in_log: Some(BodyAt {
+                index: 5,
+                ordinal: 0,
+            }),
+        }];
+        let mut w = store.begin().unwrap();
+        w.put_segment(1, 0, 0, 100, &records).unwrap();
+        w.commit(5, true).unwrap();
+        let err = store.read(1, 0, &[0]).unwrap_err();
+        assert!(err.to_string().contains("Raft log"), "{err}");
     }
 
     #[test]

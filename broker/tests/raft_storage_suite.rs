@@ -22,8 +22,10 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
         let dir = tempfile::tempdir().map_err(failed)?;
         let metrics = Arc::new(Metrics::default());
         let log = LogStore::open(&dir.path().join("raft-log.redb"), metrics).map_err(failed)?;
-        let store = Store::open(&dir.path().join("state.redb")).map_err(failed)?;
-        let machine = StateMachine::open(Arc::new(store)).map_err(failed)?;
+        let store = Arc::new(Store::open(&dir.path().join("state.redb")).map_err(failed)?);
+        // As a broker wires them: message bodies stay in the log.
+        store.attach_log(Arc::new(log.clone()));
+        let machine = StateMachine::open(store).map_err(failed)?;
         let sm = StateMachineStore::new(machine)?;
         Ok((dir, log, sm))
     }

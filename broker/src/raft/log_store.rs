@@ -6,10 +6,16 @@
 //! applies them in order in one write transaction with one fsync, then reports each
 //! append as flushed. Appended entries are readable at once from an in-memory cache of
 //! the newest entries, which also spares replication and apply a decode from disk.
+//!
+//! The log is also where published message bodies live ([`crate::storage::BodyAt`]): a
+//! purge behind a snapshot only moves the purge mark and entries stay readable for the
+//! state machine ([`LogBodies`]), which makes its state durable only once the entries
+//! it points into are.
 
 use super::{io_error, Entry, LogId, StorageError, TypeConfig};
 use crate::metrics::Metrics;
 use crate::state::command::Command;
+use crate::storage::LogBodies;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::EntryPayload;
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader, Vote};
@@ -32,6 +38,13 @@ const LAST_PURGED: &str = "last_purged";
 /// a page a page of its own, rounded up to a power of two (a 70 KB entry would take
 /// 128 KB of file and page cache); chunks just under 16 KiB fill theirs.
 const CHUNK_BYTES: usize = 16 * 1024 - 256;
+/// Entries read from disk for their bodies, kept decoded (a consumer reading one queue
+/// reads ~one entry per hundred messages; several queues share each entry), up to a
+/// count and a size.
+const BODY_ENTRIES_KEPT: usize = 64;
+const BODY_ENTRIES_KEPT_BYTES: usize = 16 * 1024 * 1024;
+/// Longest wait for the log to make an applied entry durable before a state commit.
+const DURABLE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Entries kept in memory beyond those still waiting for their fsync.
 const CACHE_MAX_ENTRIES: usize = 4096;
 /// redb page cache of the log file.
@@ -154,6 +167,45 @@ impl EntryCache {
     }
 }
 
+/// The highest log index the writer has made durable (every entry up to it is on disk,
+/// as far as a later truncation has not removed it), and whether the writer stopped.
+#[derive(Debug, Default)]
+struct DurableIndex {
+    state: Mutex<(u64, bool)>,
+    changed: Condvar,
+}
+
+impl DurableIndex {
+    fn update(&self, f: impl FnOnce(&mut (u64, bool))) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_all();
+    }
+
+    fn wait_for(&self, index: u64) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + DURABLE_WAIT;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.0 < index {
+            if state.1 {
+                return Err(format!(
+                    "the log writer stopped before entry {index} was durable"
+                ));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "log entry {index} not durable after {DURABLE_WAIT:?}"
+                ));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
 /// A write for the writer thread, applied in submission order.
 /// (`Meta` without a waiter is the committed-index hint, folded into a later write.)
 enum Op {
@@ -219,6 +271,12 @@ pub struct LogStore {
     /// The latest committed log id, written with a later durable batch (at most every
     /// [`COMMITTED_HINT_EVERY`], or with any meta write) and when the store closes.
     committed: Arc<Mutex<Option<Vec<u8>>>>,
+    /// First index after the purged ones: entries before it stay stored, but Raft no
+    /// longer sees them.
+    unpurged_from: Arc<std::sync::atomic::AtomicU64>,
+    durable: Arc<DurableIndex>,
+    /// Entries recently read from disk for their bodies, newest last.
+    read_for_bodies: Arc<Mutex<std::collections::VecDeque<Entry>>>,
 }
 
 impl LogStore {
@@ -232,13 +290,33 @@ impl LogStore {
         txn.open_table(ENTRIES)?;
         txn.open_table(META)?;
         txn.commit()?;
+        let (on_disk, purged) = {
+            let txn = db.begin_read()?;
+            let last = txn.open_table(ENTRIES)?.last()?.map(|(k, _)| k.value().0);
+            let purged = match txn.open_table(META)?.get(LAST_PURGED)? {
+                Some(v) => Some(
+                    decode::<LogId>(v.value())
+                        .map_err(|e| redb::Error::Corrupted(format!("last purged log id: {e}")))?
+                        .index,
+                ),
+                None => None,
+            };
+            (last.unwrap_or(0), purged)
+        };
+        let durable = Arc::new(DurableIndex::default());
+        durable.update(|d| d.0 = on_disk);
         let db = Arc::new(db);
         let cache: Arc<Mutex<EntryCache>> = Arc::default();
         let (writer, ops) = mpsc::channel();
         let committed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let gate: Arc<StallGate> = Arc::default();
-        let (thread_db, thread_cache, thread_committed, thread_gate) =
-            (db.clone(), cache.clone(), committed.clone(), gate.clone());
+        let (thread_db, thread_cache, thread_committed, thread_gate, thread_durable) = (
+            db.clone(),
+            cache.clone(),
+            committed.clone(),
+            gate.clone(),
+            durable.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("escrow-raft-log".into())
             .spawn(move || {
@@ -248,6 +326,7 @@ impl LogStore {
                     &thread_committed,
                     &metrics,
                     &thread_gate,
+                    &thread_durable,
                     ops,
                 )
             })
@@ -261,7 +340,34 @@ impl LogStore {
                 gate,
             }),
             committed,
+            unpurged_from: Arc::new(purged.map_or(0, |p| p + 1).into()),
+            durable,
+            read_for_bodies: Arc::default(),
         })
+    }
+
+    /// The committed entry at `index`, from memory or disk.
+    fn committed_entry(&self, index: u64) -> Result<Entry, Failure> {
+        if let Some((entry, _, _)) = self.cache().entries.get(&index) {
+            return Ok(entry.clone());
+        }
+        let mut kept = lock(&self.read_for_bodies);
+        if let Some(entry) = kept.iter().find(|e| e.log_id.index == index) {
+            return Ok(entry.clone());
+        }
+        let txn = self.db.begin_read().map_err(fail)?;
+        let entry = read_entries(&txn.open_table(ENTRIES).map_err(fail)?, &(index..=index))?
+            .pop()
+            .ok_or_else(|| fail(format!("log entry {index} is not stored")))?;
+        kept.push_back(entry.clone());
+        let mut bytes: usize = kept.iter().map(entry_bytes).sum();
+        while kept.len() > BODY_ENTRIES_KEPT || (bytes > BODY_ENTRIES_KEPT_BYTES && kept.len() > 1)
+        {
+            if let Some(old) = kept.pop_front() {
+                bytes -= entry_bytes(&old);
+            }
+        }
+        Ok(entry)
     }
 
     /// Holds every log write (and its fsync) while `stalled`, as a hung disk would
@@ -328,8 +434,34 @@ impl LogStore {
     }
 }
 
-fn lock(cache: &Mutex<EntryCache>) -> std::sync::MutexGuard<'_, EntryCache> {
-    cache.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LogBodies for LogStore {
+    fn bodies(&self, index: u64, ordinals: &[u32]) -> Result<Vec<Vec<u8>>, String> {
+        let entry = self.committed_entry(index).map_err(|e| e.0)?;
+        let EntryPayload::Normal(batch) = &entry.payload else {
+            return Err(format!("log entry {index} carries no messages"));
+        };
+        let bodies: Vec<&[u8]> = batch.append_bodies().collect();
+        ordinals
+            .iter()
+            .map(|&o| {
+                bodies.get(o as usize).map(|b| b.to_vec()).ok_or_else(|| {
+                    format!(
+                        "log entry {index} has {} bodies, not {}",
+                        bodies.len(),
+                        o + 1
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn wait_durable(&self, index: u64) -> Result<(), String> {
+        self.durable.wait_for(index)
+    }
 }
 
 /// The writer thread: group-commits every queued operation, in order, with one fsync.
@@ -339,6 +471,7 @@ fn write_loop(
     committed: &Mutex<Option<Vec<u8>>>,
     metrics: &Metrics,
     gate: &StallGate,
+    durable_index: &DurableIndex,
     ops: mpsc::Receiver<Op>,
 ) {
     // Entries are encoded here before being cut in chunks; reusing one buffer spares an
@@ -380,6 +513,21 @@ fn write_loop(
             c.durable = c.durable.max(append);
             c.evict();
         }
+        if result.is_ok() {
+            durable_index.update(|(index, _)| {
+                for op in &batch {
+                    match op {
+                        Op::Append(entries, _, _) => {
+                            if let Some(last) = entries.last() {
+                                *index = (*index).max(last.log_id.index);
+                            }
+                        }
+                        Op::Truncate(from, _) => *index = (*index).min(from.saturating_sub(1)),
+                        _ => {}
+                    }
+                }
+            });
+        }
         for op in batch {
             let outcome = result.as_ref().map(|_| ()).map_err(|e| fail(&e.0));
             match op {
@@ -393,6 +541,7 @@ fn write_loop(
             }
         }
     }
+    durable_index.update(|(_, stopped)| *stopped = true);
     // The store is closing: keep the latest hint for the next start.
     if let Some(bytes) = committed.lock().unwrap_or_else(|e| e.into_inner()).take() {
         let _ = write_batch(db, &[Op::Meta(COMMITTED, bytes, None)], &mut scratch);
@@ -417,9 +566,7 @@ fn write_batch(db: &Database, batch: &[Op], scratch: &mut Vec<u8>) -> Result<(),
                         .map_err(fail)?;
                 }
                 Op::Purge(upto, _) => {
-                    entries
-                        .retain_in(..=(upto.index, u32::MAX), |_, _| false)
-                        .map_err(fail)?;
+                    // Entries stay: the state machine reads message bodies from them.
                     meta.insert(LAST_PURGED, encode(upto)?.as_slice())
                         .map_err(fail)?;
                 }
@@ -503,7 +650,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         let read = || -> Result<Vec<Entry>, Failure> {
             let txn = self.db.begin_read().map_err(fail)?;
-            read_entries(&txn.open_table(ENTRIES).map_err(fail)?, &range)
+            let mut entries = read_entries(&txn.open_table(ENTRIES).map_err(fail)?, &range)?;
+            let unpurged_from = self.unpurged_from.load(Relaxed);
+            entries.retain(|e| e.log_id.index >= unpurged_from);
+            Ok(entries)
         };
         read().map_err(|e| logs_err(ErrorVerb::Read, e))
     }
@@ -525,9 +675,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 None => None,
             };
             let last = self.cache().last().max(on_disk);
+            // Entries up to the purge mark stay stored (message bodies), but Raft's log
+            // starts after it: a snapshot installed beyond the last entry moves it there.
+            let last_log_id = match (last, last_purged_log_id) {
+                (Some(l), Some(p)) if l.index <= p.index => Some(p),
+                (l, p) => l.or(p),
+            };
             Ok(LogState {
                 last_purged_log_id,
-                last_log_id: last.or(last_purged_log_id),
+                last_log_id,
             })
         };
         state().map_err(|e| logs_err(ErrorVerb::Read, e))
@@ -591,12 +747,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut cache = self.cache();
             cache.remove(log_id.index..);
         }
+        lock(&self.read_for_bodies).retain(|e| e.log_id.index < log_id.index);
         self.submit(|done| Op::Truncate(log_id.index, done))
             .await
             .map_err(|e| logs_err(ErrorVerb::Delete, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.unpurged_from.fetch_max(log_id.index + 1, Relaxed);
         self.cache().remove(..=log_id.index);
         self.submit(|done| Op::Purge(log_id, done))
             .await
@@ -721,7 +879,7 @@ mod tests {
     }
 
     #[test]
-    fn entries_larger_than_a_chunk_round_trip_truncate_and_purge() {
+    fn entries_larger_than_a_chunk_round_trip_and_truncate_and_a_purge_keeps_them() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("log.redb")).unwrap();
         // Small, exactly one chunk, several chunks and a large one, alternating.
@@ -767,15 +925,140 @@ mod tests {
         ];
         write_batch(&db, &ops, &mut Vec::new()).unwrap();
         drop(rx);
-        assert_eq!(indexes(&read(0..=u64::MAX)), vec![3, 4, 5]);
+        // A purge keeps the entries (message bodies are read from them).
+        assert_eq!(indexes(&read(0..=u64::MAX)), vec![1, 2, 3, 4, 5]);
         let txn = db.begin_read().unwrap();
         let table = txn.open_table(ENTRIES).unwrap();
-        let first = table.first().unwrap().map(|(k, _)| k.value());
         let last = table.last().unwrap().map(|(k, _)| k.value().0);
-        assert_eq!(
-            (first, last),
-            (Some((3, 0)), Some(5)),
-            "no chunk of a removed entry stays"
+        assert_eq!(last, Some(5), "no chunk of a truncated entry stays");
+        let purged: LogId = decode(
+            txn.open_table(META)
+                .unwrap()
+                .get(LAST_PURGED)
+                .unwrap()
+                .unwrap()
+                .value(),
+        )
+        .unwrap();
+        assert_eq!(purged, written[1].log_id);
+    }
+
+    fn append(topic: &str, records: &[(u32, &str, usize)]) -> Command {
+        Command::Append {
+            topic: topic.into(),
+            producer: None,
+            records: records
+                .iter()
+                .map(|&(q, id, len)| (q, Message::new(id, vec![id.as_bytes()[0]; len])))
+                .collect(),
+            dedupe_by_id: false,
+        }
+    }
+
+    fn normal(index: u64, commands: Vec<Command>) -> Entry {
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Arc::new(Batch {
+                at_ms: index,
+                commands,
+            })),
+        }
+    }
+
+    /// Applied bodies are read back from the log, with the state machine's ordinals
+    /// matching `Batch::append_bodies` through refused appends and `Each`; a snapshot
+    /// carries them inline to a node without that log.
+    #[tokio::test]
+    async fn published_bodies_are_read_from_the_log_and_snapshots_carry_them() {
+        use crate::raft::state_machine::StateMachineStore;
+        use crate::state::StateMachine;
+        use crate::storage::Store;
+        use openraft::storage::RaftStateMachine;
+        use openraft::RaftSnapshotBuilder;
+
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("raft-log.redb");
+        let entries = vec![
+            normal(
+                1,
+                vec![Command::CreateTopic {
+                    name: "t".into(),
+                    queues: 2,
+                }],
+            ),
+            normal(
+                2,
+                vec![
+                    append("t", &[(0, "a", 3000), (1, "b", 10)]),
+                    append("missing", &[(0, "x", 50)]),
+                    Command::Each(vec![
+                        append("t", &[(1, "c", 20_000)]),
+                        Command::Each(vec![append("t", &[(0, "y", 5)])]),
+                        append("t", &[(9, "z", 5)]),
+                        append("t", &[(0, "d", 1)]),
+                    ]),
+                ],
+            ),
+        ];
+        {
+            // Entries on disk as the writer leaves them (durable before the apply).
+            let db = Database::create(&log_path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut table = txn.open_table(ENTRIES).unwrap();
+            for e in &entries {
+                put_entry(&mut table, e, &mut Vec::new()).unwrap();
+            }
+            drop(table);
+            txn.commit().unwrap();
+        }
+        let log = LogStore::open(&log_path, Arc::new(Metrics::default())).unwrap();
+        log.wait_durable(2).unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("state.redb")).unwrap());
+        store.attach_log(Arc::new(log.clone()));
+        let mut sm = StateMachineStore::new(StateMachine::open(store.clone()).unwrap()).unwrap();
+        let replies = sm.apply(entries.clone()).await.unwrap();
+        assert!(
+            format!("{:?}", replies[1]).contains("Rejected"),
+            "the unknown topic and the nested Each are refused: {replies:?}"
+        );
+        let expect = |store: &Store| {
+            let bodies = |queue, offsets: &[u64]| -> Vec<(String, Vec<u8>)> {
+                store
+                    .read(1, queue, offsets)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, _, r)| {
+                        assert_eq!(r.body_in_log, None);
+                        (r.message.id, r.message.body)
+                    })
+                    .collect()
+            };
+            assert_eq!(
+                bodies(0, &[0, 1]),
+                vec![("a".into(), vec![b'a'; 3000]), ("d".into(), vec![b'd'; 1])]
+            );
+            assert_eq!(
+                bodies(1, &[0, 1]),
+                vec![
+                    ("b".into(), vec![b'b'; 10]),
+                    ("c".into(), vec![b'c'; 20_000])
+                ]
+            );
+        };
+        expect(&store);
+        let snapshot = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let fresh = Store::open(&other.path().join("state.redb")).unwrap();
+        fresh.import(snapshot.snapshot.get_ref()).unwrap();
+        expect(&fresh);
+        assert!(
+            snapshot.snapshot.get_ref().len() > 23_000,
+            "the image carries the bodies"
         );
     }
 

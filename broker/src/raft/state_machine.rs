@@ -19,9 +19,9 @@ const MEMBERSHIP: &str = "membership";
 /// Longest time applied state may stay only in redb's memory before an fsync.
 const DURABLE_EVERY: Duration = Duration::from_secs(1);
 /// Message bytes applied before the state is made durable anyway. A durable commit
-/// writes out everything buffered since the last one and stalls applies meanwhile:
-/// a second's worth under load (~30 MiB) stalled them for 100-270 ms, 8 MiB for ~25 ms
-/// (the publish p99 at window 256 followed: 23-42 ms; 15-18 ms with 2 MiB).
+/// writes out everything buffered since the last one and stalls applies meanwhile; with
+/// bodies in the log that is their records' metadata only, and the bound mostly limits
+/// a restart's replay.
 const DURABLE_AFTER_BYTES: u64 = 2 * 1024 * 1024;
 /// Largest apply (message bytes) run on the async worker instead of the blocking pool.
 const INLINE_APPLY_BYTES: u64 = 256 * 1024;
@@ -43,6 +43,9 @@ struct Inner {
     last_durable: Instant,
     /// Message bytes applied since `last_durable`.
     bytes_since_durable: u64,
+    /// Highest log index applied since `last_durable`: a durable commit may point into
+    /// the log only once the log holds that entry durably too.
+    applied_since_durable: Option<u64>,
     snapshots_built: u64,
 }
 
@@ -89,6 +92,7 @@ impl StateMachineStore {
                 snapshot: None,
                 last_durable: Instant::now(),
                 bytes_since_durable: 0,
+                applied_since_durable: None,
                 snapshots_built: 0,
             })),
         })
@@ -127,6 +131,7 @@ impl Inner {
         bytes: u64,
         durable: bool,
     ) -> Result<Vec<Vec<Output>>, StorageError> {
+        let store = self.machine.store().clone();
         let mut tx = self
             .machine
             .begin()
@@ -136,13 +141,15 @@ impl Inner {
             self.last_applied = Some(entry.log_id);
             match &entry.payload {
                 EntryPayload::Blank => replies.push(Vec::new()),
-                EntryPayload::Normal(batch) => replies.push(tx.apply(batch).map_err(|e| {
-                    io_error(
-                        ErrorSubject::Apply(entry.log_id),
-                        ErrorVerb::Write,
-                        &Failure(e.to_string()),
-                    )
-                })?),
+                EntryPayload::Normal(batch) => {
+                    replies.push(tx.apply(entry.log_id.index, batch).map_err(|e| {
+                        io_error(
+                            ErrorSubject::Apply(entry.log_id),
+                            ErrorVerb::Write,
+                            &Failure(e.to_string()),
+                        )
+                    })?)
+                }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     replies.push(Vec::new());
@@ -157,26 +164,41 @@ impl Inner {
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         tx.put_raft_meta(MEMBERSHIP, &membership_bytes)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        // Only entries that brought published bodies are pointed into.
+        if let Some(last) = entries.iter().rev().find(|e| match &e.payload {
+            EntryPayload::Normal(batch) => batch.append_bodies().next().is_some(),
+            _ => false,
+        }) {
+            self.applied_since_durable = Some(last.log_id.index);
+        }
+        if durable {
+            wait_log_durable(self.applied_since_durable, &store)?;
+        }
         tx.commit(self.last_applied.map_or(0, |l| l.index), durable)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         if durable {
-            self.last_durable = Instant::now();
-            self.bytes_since_durable = 0;
+            self.durable_done();
         } else {
             self.bytes_since_durable += bytes;
         }
         Ok(replies)
     }
 
+    fn durable_done(&mut self) {
+        self.last_durable = Instant::now();
+        self.bytes_since_durable = 0;
+        self.applied_since_durable = None;
+    }
+
     /// Commits an empty transaction durably, persisting every earlier apply.
     fn make_durable(&mut self) -> Result<(), StorageError> {
         let index = self.last_applied.map_or(0, |l| l.index);
+        wait_log_durable(self.applied_since_durable, self.machine.store())?;
         self.machine
             .begin()
             .and_then(|tx| tx.commit(index, true))
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        self.last_durable = Instant::now();
-        self.bytes_since_durable = 0;
+        self.durable_done();
         Ok(())
     }
 
@@ -202,6 +224,20 @@ impl Inner {
             view,
             store: self.machine.store().clone(),
         })
+    }
+}
+
+/// Waits until the log holds every entry up to `applied_since_durable`: records of the
+/// state point into those entries for their bodies.
+fn wait_log_durable(
+    applied_since_durable: Option<u64>,
+    store: &crate::storage::Store,
+) -> Result<(), StorageError> {
+    match (applied_since_durable, store.log()) {
+        (Some(index), Some(log)) => log
+            .wait_durable(index)
+            .map_err(|e| sm_err(ErrorVerb::Write, e)),
+        _ => Ok(()),
     }
 }
 
@@ -294,8 +330,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .map_err(|e| snap_err(ErrorVerb::Write, e))?;
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
-            inner.last_durable = Instant::now();
-            inner.bytes_since_durable = 0;
+            // The image holds its bodies: nothing points into this node's log any more.
+            inner.durable_done();
             inner.snapshot = Some((meta, data));
             Ok(())
         })

@@ -121,6 +121,25 @@ impl Command {
     }
 }
 
+impl Batch {
+    /// The bodies of every `Append` record, in the order apply numbers them (the
+    /// ordinals of [`crate::storage::BodyAt`]): commands in order, the commands of an
+    /// `Each` in place, a nested `Each` (refused by apply) contributing nothing.
+    pub fn append_bodies(&self) -> impl Iterator<Item = &[u8]> {
+        self.commands
+            .iter()
+            .flat_map(|command| match command {
+                Command::Each(inner) => inner.iter().collect::<Vec<_>>(),
+                command => vec![command],
+            })
+            .flat_map(|command| match command {
+                Command::Append { records, .. } => records.as_slice(),
+                _ => &[],
+            })
+            .map(|(_, message)| message.body.as_slice())
+    }
+}
+
 /// A half message in a `SendHalf` command.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HalfMessage {

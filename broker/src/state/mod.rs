@@ -10,7 +10,7 @@ pub mod progress;
 
 use crate::metrics::Metrics;
 use crate::storage::{
-    HalfRecord, Loaded, RecordRef, StorageError, Store, StoredId, TopicRecord, Writer,
+    BodyAt, HalfRecord, Loaded, RecordRef, StorageError, Store, StoredId, TopicRecord, Writer,
 };
 use command::{Batch, Command, HalfMessage, Output};
 use escrow_proto::txn::TxnState;
@@ -250,9 +250,12 @@ impl StateMachine {
     pub fn begin<'b>(&mut self) -> Result<Applying<'_, 'b>, StorageError> {
         Ok(Applying {
             writer: self.store.begin()?,
+            bodies_in_log: self.store.log().is_some(),
             machine: self,
             touched: Touched::default(),
             segments: BTreeMap::new(),
+            log_index: 0,
+            next_ordinal: 0,
         })
     }
 
@@ -271,7 +274,7 @@ impl StateMachine {
     /// Applies a batch in its own durable transaction at log index `index` (tests, tools).
     pub fn apply(&mut self, index: u64, batch: &Batch) -> Result<Vec<Output>, StorageError> {
         let mut applying = self.begin()?;
-        let outputs = applying.apply(batch)?;
+        let outputs = applying.apply(index, batch)?;
         applying.commit(index, true)?;
         Ok(outputs)
     }
@@ -285,11 +288,20 @@ pub struct Applying<'a, 'b> {
     touched: Touched,
     /// Per `(topic id, queue)`: base offset, commit time of the first batch, records.
     segments: BTreeMap<(u32, u32), (u64, u64, Vec<RecordRef<'b>>)>,
+    /// Whether published bodies stay in the Raft log (the store has one attached).
+    bodies_in_log: bool,
+    /// Log index of the batch being applied.
+    log_index: u64,
+    /// Ordinal of the next appended record in that batch (see `Batch::append_bodies`).
+    next_ordinal: u32,
 }
 
 impl<'b> Applying<'_, 'b> {
-    /// Applies one batch; later batches in this transaction see its effects.
-    pub fn apply(&mut self, batch: &'b Batch) -> Result<Vec<Output>, StorageError> {
+    /// Applies the batch of the log entry at `log_index`; later batches in this
+    /// transaction see its effects.
+    pub fn apply(&mut self, log_index: u64, batch: &'b Batch) -> Result<Vec<Output>, StorageError> {
+        self.log_index = log_index;
+        self.next_ordinal = 0;
         let mut outputs = Vec::with_capacity(batch.commands.len());
         for command in &batch.commands {
             let output = self.apply_command(batch.at_ms, command)?;
@@ -307,7 +319,19 @@ impl<'b> Applying<'_, 'b> {
                 producer,
                 records,
                 dedupe_by_id,
-            } => self.append(at_ms, topic, *producer, records, *dedupe_by_id)?,
+            } => {
+                // Every record counts, stored or not: ordinals follow the entry's layout.
+                let first_ordinal = self.next_ordinal;
+                self.next_ordinal = first_ordinal.saturating_add(records.len() as u32);
+                self.append(
+                    at_ms,
+                    topic,
+                    *producer,
+                    records,
+                    *dedupe_by_id,
+                    Some(first_ordinal),
+                )?
+            }
             Command::Ack {
                 topic,
                 group,
@@ -377,6 +401,7 @@ impl<'b> Applying<'_, 'b> {
             mut writer,
             touched,
             segments,
+            ..
         } = self;
         let index = &mut machine.index;
         for ((topic_id, queue), (base, at_ms, records)) in &segments {
@@ -487,7 +512,16 @@ impl<'b> Applying<'_, 'b> {
         producer: Option<ProducerSequence>,
         records: &'b [(u32, escrow_proto::Message)],
         dedupe_by_id: bool,
+        // Where the records are in the entry's `Append` bodies, when they are there.
+        first_ordinal: Option<u32>,
     ) -> Result<Output, StorageError> {
+        let (log_index, bodies_in_log) = (self.log_index, self.bodies_in_log);
+        let body_at = |i: usize| {
+            first_ordinal.filter(|_| bodies_in_log).map(|first| BodyAt {
+                index: log_index,
+                ordinal: first + i as u32,
+            })
+        };
         let index = &mut self.machine.index;
         let Some(state) = index.topics.get_mut(topic) else {
             return Ok(Output::Rejected(unknown_topic(topic)));
@@ -554,6 +588,7 @@ impl<'b> Applying<'_, 'b> {
                     producer_id: p.producer_id,
                     first_sequence: p.first_sequence + i as u64,
                 }),
+                body_in_log: body_at(i),
             });
             self.touched.bytes += message.body.len() as u64;
             positions.push(Position {
@@ -631,7 +666,7 @@ impl<'b> Applying<'_, 'b> {
                 Output::Rejected(e) => return Ok(Output::Rejected(e)),
                 _ => continue,
             }
-            self.append(at_ms, &dlq, None, std::slice::from_ref(record), false)?;
+            self.append(at_ms, &dlq, None, std::slice::from_ref(record), false, None)?;
             moved += 1;
         }
         Ok(Output::Acked(moved))
@@ -691,6 +726,7 @@ impl<'b> Applying<'_, 'b> {
         segment.push(RecordRef {
             message: Cow::Owned(message),
             producer: None,
+            body_in_log: None,
         });
         Some(Position { queue, offset })
     }
@@ -1199,7 +1235,7 @@ mod tests {
         sm.apply(1, &at(10, vec![topic_t()])).unwrap();
         let apply_non_durably = |sm: &mut StateMachine, index, batch: Batch| {
             let mut applying = sm.begin().unwrap();
-            let out = applying.apply(&batch).unwrap();
+            let out = applying.apply(index, &batch).unwrap();
             applying.commit(index, false).unwrap();
             out
         };
@@ -1254,7 +1290,7 @@ mod tests {
         sm.apply(1, &at(10, vec![topic_t(), half("a")])).unwrap();
         let (commit, rollback) = (at(20, vec![end(1, true)]), at(30, vec![end(1, false)]));
         let mut applying = sm.begin().unwrap();
-        let out = applying.apply(&commit).unwrap();
+        let out = applying.apply(2, &commit).unwrap();
         applying.commit(2, false).unwrap();
         assert!(matches!(
             out[..],
@@ -1262,9 +1298,9 @@ mod tests {
         ));
         // Remembered in memory: a conflicting decision is refused, the same one repeated.
         let mut applying = sm.begin().unwrap();
-        let out = applying.apply(&rollback).unwrap();
+        let out = applying.apply(3, &rollback).unwrap();
         assert!(refused(&out, ErrorCode::TXN_CONFLICT), "{out:?}");
-        let out = applying.apply(&commit).unwrap();
+        let out = applying.apply(4, &commit).unwrap();
         assert!(matches!(
             out[..],
             [Output::TxnEnded(TxnState::Committed(_))]
