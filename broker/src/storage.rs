@@ -580,18 +580,27 @@ impl Store {
                 .topics
                 .push((k.value().to_string(), v.value().to_vec()));
         }
+        // A snapshot is self-contained: bodies come out of the log into the image, all
+        // at once so that each log entry is read once (segments go queue by queue).
+        let mut pointing = Vec::new();
         for e in txn.open_table(SEGMENTS)?.iter()? {
             let (k, v) = e?;
             let key = k.value();
-            // A snapshot is self-contained: bodies come out of the log into the image.
-            let mut segment = decode_segment(key.2, v.value())?;
+            let segment = decode_segment(key.2, v.value())?;
             if segment.records.iter().any(|r| r.body_in_log.is_some()) {
-                self.fill_bodies(segment.records.iter_mut())?;
-                let inline = encode_segment(segment.stored_at_ms, &segment.records)?;
-                image.segments.push((key, inline));
+                pointing.push((image.segments.len(), segment));
+                image.segments.push((key, Vec::new()));
             } else {
                 image.segments.push((key, v.value().to_vec()));
             }
+        }
+        self.fill_bodies(
+            pointing
+                .iter_mut()
+                .flat_map(|(_, segment)| segment.records.iter_mut()),
+        )?;
+        for (at, segment) in pointing {
+            image.segments[at].1 = encode_segment(segment.stored_at_ms, &segment.records)?;
         }
         for e in txn.open_table(PROGRESS)?.iter()? {
             let (k, v) = e?;

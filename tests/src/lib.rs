@@ -272,6 +272,11 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Node `i`'s data directory (its redb files).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dirs[i].path().join("data")
+    }
+
     /// The CA clients trust.
     pub fn ca(&self) -> PathBuf {
         self.ca_dir.path().join("ca.pem")

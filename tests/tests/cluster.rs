@@ -253,16 +253,14 @@ async fn wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
     let client = Client::connect(cluster.client()).await?;
     create_topic(&client).await?;
     let producer = Producer::connect(producer_config(&cluster)).await?;
+    // Each body is its id: every message read back below is checked whole.
+    let message = |id: String| Message::new(id.clone(), id.into_bytes());
     for i in 0..150 {
-        producer
-            .send("t", Message::new(format!("a{i}"), vec![1]))
-            .await?;
+        producer.send("t", message(format!("a{i}"))).await?;
     }
     cluster.wipe_node(2).await?;
     for i in 0..100 {
-        producer
-            .send("t", Message::new(format!("b{i}"), vec![2]))
-            .await?;
+        producer.send("t", message(format!("b{i}"))).await?;
     }
     let leader = cluster.wait_leader(&[0, 1]).await?;
     let purged = cluster.node(leader).raft().metrics().borrow().purged;
@@ -293,8 +291,43 @@ async fn wiped_node_catches_up_through_a_snapshot() -> anyhow::Result<()> {
         panic!("not a topic")
     };
     assert_eq!(t.queues.iter().map(|q| q.next_offset).sum::<u64>(), 250);
+
+    // Every body is readable on both, from their files: the wiped node's come from the
+    // snapshot (inline) and its own log since; the leader's from log entries it purged
+    // behind its snapshot (a purge keeps them).
+    cluster.stop_node(2).await;
+    cluster.stop_node(leader).await;
+    for node in [2, leader] {
+        let bodies = stored_bodies(&cluster.data_dir(node))?;
+        assert_eq!(bodies.len(), 250, "node {}", node + 1);
+        for (id, body) in bodies {
+            assert_eq!(body, id.as_bytes(), "node {}: body of {id}", node + 1);
+        }
+    }
     cluster.shutdown().await;
     Ok(())
+}
+
+/// `(id, body)` of every message of topic `t` in the redb files of a stopped node.
+fn stored_bodies(data_dir: &std::path::Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    use escrow_broker::raft::log_store::LogStore;
+    use escrow_broker::storage::Store;
+    let store = Store::open(&data_dir.join("state.redb"))?;
+    let log = LogStore::open(&data_dir.join("raft-log.redb"), Arc::default())?;
+    store.attach_log(Arc::new(log));
+    let mut out = Vec::new();
+    for (name, topic, ends) in store.load()?.topics {
+        if name != "t" {
+            continue;
+        }
+        for (queue, end) in (0u32..).zip(ends) {
+            let offsets: Vec<u64> = (0..end).collect();
+            for (_, _, record) in store.read(topic.id, queue, &offsets)? {
+                out.push((record.message.id, record.message.body));
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
