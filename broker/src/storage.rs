@@ -131,14 +131,17 @@ pub struct Record {
     pub body_in_log: Option<BodyAt>,
 }
 
-/// A body left in the Raft log: the `ordinal`-th record of the `Append` commands of the
-/// committed entry at `index` (in command order, see `Batch::append_bodies`).
+/// A body left in the Raft log: the `ordinal`-th message body the committed entry at
+/// `index` brings (`Append` records and `SendHalf` messages in command order, see
+/// `Batch::bodies`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BodyAt {
     /// Log index of the entry.
     pub index: u64,
-    /// Position among the entry's appended records.
+    /// Position among the entry's bodies.
     pub ordinal: u32,
+    /// The body's length (checked when it is read back).
+    pub len: u32,
 }
 
 /// Read access to the Raft log, for bodies stored there.
@@ -353,10 +356,13 @@ pub struct HalfRecord {
     pub producer_group: String,
     /// The producer instance that sent it.
     pub instance: String,
-    /// The message.
+    /// The message (without its body while `body_in_log` is set).
     pub message: Message,
     /// When it was stored.
     pub stored_at_ms: u64,
+    /// Where the body is in the Raft log, if it was left there ([`Store::read_half`]
+    /// returns it filled in).
+    pub body_in_log: Option<BodyAt>,
 }
 
 /// `(stored at, queue, offset)` of a remembered message id.
@@ -487,6 +493,16 @@ impl Store {
                 ));
             }
             for ((_, record), body) in records.into_iter().zip(bodies) {
+                let expected = record.body_in_log.map_or(0, |at| at.len as usize);
+                if body.len() != expected {
+                    return Err(corrupt(
+                        "message body in the Raft log",
+                        format!(
+                            "entry {index}: a body of {} bytes where {expected} were stored",
+                            body.len()
+                        ),
+                    ));
+                }
                 record.message.body = body;
                 record.body_in_log = None;
             }
@@ -626,7 +642,15 @@ impl Store {
         }
         for e in txn.open_table(TXNS)?.iter()? {
             let (k, v) = e?;
-            image.txns.push((k.value(), v.value().to_vec()));
+            let mut half: HalfRecord = decode_value("half message", v.value())?;
+            if half.body_in_log.is_some() {
+                self.fill_half_body(&mut half)?;
+                image
+                    .txns
+                    .push((k.value(), encode_value("half message", &half)?));
+            } else {
+                image.txns.push((k.value(), v.value().to_vec()));
+            }
         }
         for e in txn.open_table(TXN_SCHEDULE)?.iter()? {
             let (k, v) = e?;
@@ -711,17 +735,38 @@ impl Store {
         })
     }
 
-    /// A pending half message.
+    /// A pending half message, with its body.
     pub fn read_half(&self, id: u64) -> Result<Option<HalfRecord>, StorageError> {
-        if let Some((record, _)) = lock_unflushed(&self.unflushed).halves.get(&id) {
-            return Ok(Some(record.clone()));
-        }
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(TXNS)?;
-        match table.get(id)? {
-            Some(v) => Ok(Some(decode_value("half message", v.value())?)),
-            None => Ok(None),
-        }
+        let unflushed = lock_unflushed(&self.unflushed).halves.get(&id).cloned();
+        let mut half = match unflushed {
+            Some((record, _)) => record,
+            None => {
+                let txn = self.db.begin_read()?;
+                let table = txn.open_table(TXNS)?;
+                match table.get(id)? {
+                    Some(v) => decode_value("half message", v.value())?,
+                    None => return Ok(None),
+                }
+            }
+        };
+        self.fill_half_body(&mut half)?;
+        Ok(Some(half))
+    }
+
+    /// Puts a half message's body back from the log, if it was left there.
+    fn fill_half_body(&self, half: &mut HalfRecord) -> Result<(), StorageError> {
+        let Some(at) = half.body_in_log else {
+            return Ok(());
+        };
+        let mut record = Record {
+            message: std::mem::take(&mut half.message),
+            producer: None,
+            body_in_log: Some(at),
+        };
+        self.fill_bodies([&mut record])?;
+        half.message = record.message;
+        half.body_in_log = None;
+        Ok(())
     }
 
     /// Ids of the outcomes in the `txn_outcomes` table.
@@ -1177,6 +1222,7 @@ mod tests {
         let at = BodyAt {
             index: 77,
             ordinal: 3,
+            len: 300,
         };
         let bodyless = RecordRef {
             body_in_log: Some(at),
@@ -1206,6 +1252,7 @@ mod tests {
             body_in_log: Some(BodyAt {
                 index: 5,
                 ordinal: 0,
+                len: 10,
             }),
         }];
         let mut w = store.begin().unwrap();

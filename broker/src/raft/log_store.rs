@@ -444,7 +444,7 @@ impl LogBodies for LogStore {
         let EntryPayload::Normal(batch) = &entry.payload else {
             return Err(format!("log entry {index} carries no messages"));
         };
-        let bodies: Vec<&[u8]> = batch.append_bodies().collect();
+        let bodies: Vec<&[u8]> = batch.bodies().collect();
         ordinals
             .iter()
             .map(|&o| {
@@ -965,9 +965,23 @@ mod tests {
         }
     }
 
-    /// Applied bodies are read back from the log, with the state machine's ordinals
-    /// matching `Batch::append_bodies` through refused appends and `Each`; a snapshot
-    /// carries them inline to a node without that log.
+    fn half(id: &str, len: usize) -> Command {
+        Command::SendHalf {
+            half: Box::new(crate::state::command::HalfMessage {
+                topic: "t".into(),
+                queue: 0,
+                producer_group: "g".into(),
+                instance: "i".into(),
+                message: Message::new(id, vec![id.as_bytes()[0]; len]),
+            }),
+            first_check_at_ms: u64::MAX,
+        }
+    }
+
+    /// Applied bodies (published, and of half messages pending or committed) are read
+    /// back from the log, with the state machine's ordinals matching `Batch::bodies`
+    /// through refused appends and `Each`; a snapshot carries them inline to a node
+    /// without that log.
     #[tokio::test]
     async fn published_bodies_are_read_from_the_log_and_snapshots_carry_them() {
         use crate::raft::state_machine::StateMachineStore;
@@ -991,13 +1005,22 @@ mod tests {
                 vec![
                     append("t", &[(0, "a", 3000), (1, "b", 10)]),
                     append("missing", &[(0, "x", 50)]),
+                    half("h1", 700),
                     Command::Each(vec![
                         append("t", &[(1, "c", 20_000)]),
                         Command::Each(vec![append("t", &[(0, "y", 5)])]),
                         append("t", &[(9, "z", 5)]),
+                        half("pending", 900),
                         append("t", &[(0, "d", 1)]),
                     ]),
                 ],
+            ),
+            normal(
+                3,
+                vec![Command::EndTxn {
+                    txn_id: 1,
+                    commit: true,
+                }],
             ),
         ];
         {
@@ -1012,7 +1035,7 @@ mod tests {
             txn.commit().unwrap();
         }
         let log = LogStore::open(&log_path, Arc::new(Metrics::default())).unwrap();
-        log.wait_durable(2).unwrap();
+        log.wait_durable(3).unwrap();
         let store = Arc::new(Store::open(&dir.path().join("state.redb")).unwrap());
         store.attach_log(Arc::new(log.clone()));
         let mut sm = StateMachineStore::new(StateMachine::open(store.clone()).unwrap()).unwrap();
@@ -1034,9 +1057,16 @@ mod tests {
                     .collect()
             };
             assert_eq!(
-                bodies(0, &[0, 1]),
-                vec![("a".into(), vec![b'a'; 3000]), ("d".into(), vec![b'd'; 1])]
+                bodies(0, &[0, 1, 2]),
+                vec![
+                    ("a".into(), vec![b'a'; 3000]),
+                    ("d".into(), vec![b'd'; 1]),
+                    ("h1".into(), vec![b'h'; 700]),
+                ]
             );
+            let pending = store.read_half(2).unwrap().expect("pending half message");
+            assert_eq!(pending.message.body, vec![b'p'; 900]);
+            assert_eq!(pending.body_in_log, None);
             assert_eq!(
                 bodies(1, &[0, 1]),
                 vec![

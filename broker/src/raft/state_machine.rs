@@ -166,7 +166,7 @@ impl Inner {
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         // Only entries that brought published bodies are pointed into.
         if let Some(last) = entries.iter().rev().find(|e| match &e.payload {
-            EntryPayload::Normal(batch) => batch.append_bodies().next().is_some(),
+            EntryPayload::Normal(batch) => batch.bodies().next().is_some(),
             _ => false,
         }) {
             self.applied_since_durable = Some(last.log_id.index);

@@ -122,10 +122,11 @@ impl Command {
 }
 
 impl Batch {
-    /// The bodies of every `Append` record, in the order apply numbers them (the
-    /// ordinals of [`crate::storage::BodyAt`]): commands in order, the commands of an
-    /// `Each` in place, a nested `Each` (refused by apply) contributing nothing.
-    pub fn append_bodies(&self) -> impl Iterator<Item = &[u8]> {
+    /// The message bodies the batch brings, in the order apply numbers them (the
+    /// ordinals of [`crate::storage::BodyAt`]): every `Append` record and every
+    /// `SendHalf` message, commands in order, the commands of an `Each` in place, a
+    /// nested `Each` (refused by apply) contributing nothing.
+    pub fn bodies(&self) -> impl Iterator<Item = &[u8]> {
         self.commands
             .iter()
             .flat_map(|command| match command {
@@ -133,10 +134,11 @@ impl Batch {
                 command => vec![command],
             })
             .flat_map(|command| match command {
-                Command::Append { records, .. } => records.as_slice(),
-                _ => &[],
+                Command::Append { records, .. } => records.iter().map(|(_, m)| m).collect(),
+                Command::SendHalf { half, .. } => vec![&half.message],
+                _ => Vec::new(),
             })
-            .map(|(_, message)| message.body.as_slice())
+            .map(|message| message.body.as_slice())
     }
 }
 

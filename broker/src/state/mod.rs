@@ -292,7 +292,7 @@ pub struct Applying<'a, 'b> {
     bodies_in_log: bool,
     /// Log index of the batch being applied.
     log_index: u64,
-    /// Ordinal of the next appended record in that batch (see `Batch::append_bodies`).
+    /// Ordinal of the next appended record in that batch (see `Batch::bodies`).
     next_ordinal: u32,
 }
 
@@ -367,7 +367,16 @@ impl<'b> Applying<'_, 'b> {
             Command::SendHalf {
                 half,
                 first_check_at_ms,
-            } => self.send_half(at_ms, half, *first_check_at_ms)?,
+            } => {
+                let ordinal = self.next_ordinal;
+                self.next_ordinal = ordinal.saturating_add(1);
+                let body_at = self.bodies_in_log.then_some(BodyAt {
+                    index: self.log_index,
+                    ordinal,
+                    len: half.message.body.len() as u32,
+                });
+                self.send_half(at_ms, half, *first_check_at_ms, body_at)?
+            }
             Command::EndTxn { txn_id, commit } => self.end_txn(at_ms, *txn_id, *commit)?,
             Command::TxnChecked { checks } => self.txn_checked(checks)?,
             Command::AbandonTxns { txn_ids } => self.abandon_txns(at_ms, txn_ids)?,
@@ -512,14 +521,15 @@ impl<'b> Applying<'_, 'b> {
         producer: Option<ProducerSequence>,
         records: &'b [(u32, escrow_proto::Message)],
         dedupe_by_id: bool,
-        // Where the records are in the entry's `Append` bodies, when they are there.
+        // Where the records are among the entry's bodies, when they are there.
         first_ordinal: Option<u32>,
     ) -> Result<Output, StorageError> {
         let (log_index, bodies_in_log) = (self.log_index, self.bodies_in_log);
-        let body_at = |i: usize| {
+        let body_at = |i: usize, body: &[u8]| {
             first_ordinal.filter(|_| bodies_in_log).map(|first| BodyAt {
                 index: log_index,
                 ordinal: first + i as u32,
+                len: body.len() as u32,
             })
         };
         let index = &mut self.machine.index;
@@ -588,7 +598,7 @@ impl<'b> Applying<'_, 'b> {
                     producer_id: p.producer_id,
                     first_sequence: p.first_sequence + i as u64,
                 }),
-                body_in_log: body_at(i),
+                body_in_log: body_at(i, &message.body),
             });
             self.touched.bytes += message.body.len() as u64;
             positions.push(Position {
@@ -704,19 +714,21 @@ impl<'b> Applying<'_, 'b> {
         Output::Acked(redriven)
     }
 
-    /// Appends one message the log entry does not hold (a committed half message).
+    /// Appends one message the log entry being applied does not hold (a committed or
+    /// abandoned half message: its body, if not in `message`, is where `body_in_log` says).
     fn append_owned(
         &mut self,
         at_ms: u64,
         topic: &str,
         queue: u32,
         message: escrow_proto::Message,
+        body_in_log: Option<BodyAt>,
     ) -> Option<Position> {
         let state = self.machine.index.topics.get_mut(topic)?;
         let q = state.queues.get_mut(queue as usize)?;
         let offset = q.next_offset;
         q.next_offset += 1;
-        self.touched.bytes += message.body.len() as u64;
+        self.touched.bytes += message.body.len() as u64 + body_in_log.map_or(0, |b| b.len as u64);
         self.touched.messages += 1;
         self.touched.topics.insert(topic.to_string());
         let (_, _, segment) = self
@@ -726,7 +738,7 @@ impl<'b> Applying<'_, 'b> {
         segment.push(RecordRef {
             message: Cow::Owned(message),
             producer: None,
-            body_in_log: None,
+            body_in_log,
         });
         Some(Position { queue, offset })
     }
@@ -736,6 +748,7 @@ impl<'b> Applying<'_, 'b> {
         at_ms: u64,
         half: &HalfMessage,
         first_check_at_ms: u64,
+        body_in_log: Option<BodyAt>,
     ) -> Result<Output, StorageError> {
         let index = &mut self.machine.index;
         let Some(state) = index.topics.get(&half.topic) else {
@@ -757,13 +770,29 @@ impl<'b> Applying<'_, 'b> {
         let id = index.next_txn_id;
         index.next_txn_id += 1;
         self.machine.half_ids.insert(key, id);
+        let m = &half.message;
+        let message = match body_in_log {
+            // Everything but the body, which stays in the log entry.
+            Some(_) => escrow_proto::Message {
+                id: m.id.clone(),
+                key: m.key.clone(),
+                message_group: m.message_group.clone(),
+                tags: m.tags.clone(),
+                headers: m.headers.clone(),
+                body: Vec::new(),
+                born_at_ms: m.born_at_ms,
+                deliver_at_ms: m.deliver_at_ms,
+            },
+            None => m.clone(),
+        };
         let record = HalfRecord {
             topic: half.topic.clone(),
             queue: half.queue,
             producer_group: half.producer_group.clone(),
             instance: half.instance.clone(),
-            message: half.message.clone(),
+            message,
             stored_at_ms: at_ms,
+            body_in_log,
         };
         let schedule = (0, first_check_at_ms);
         index.txns.insert(id, PendingTxn::new(&record, schedule));
@@ -811,7 +840,13 @@ impl<'b> Applying<'_, 'b> {
             });
         };
         let state = if commit {
-            match self.append_owned(at_ms, &record.topic, record.queue, record.message) {
+            match self.append_owned(
+                at_ms,
+                &record.topic,
+                record.queue,
+                record.message,
+                record.body_in_log,
+            ) {
                 Some(position) => TxnState::Committed(position),
                 // Its topic is gone (topics are never deleted today): nothing to commit into.
                 None => TxnState::RolledBack,
@@ -866,7 +901,7 @@ impl<'b> Applying<'_, 'b> {
                 message.headers.insert(name.to_string(), value);
             }
             message.deliver_at_ms = None;
-            self.append_owned(at_ms, topic, 0, message);
+            self.append_owned(at_ms, topic, 0, message, record.body_in_log);
             moved += 1;
         }
         Ok(Output::Acked(moved))
