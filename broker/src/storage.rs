@@ -295,7 +295,8 @@ impl EncodedSize for Record {
 impl EncodedSize for RecordRef<'_> {
     fn encoded_size_bound(&self) -> usize {
         match self.body_in_log {
-            Some(_) => message_size_bound(&self.message) - self.message.body.len() + 16,
+            // The pointer (up to 21 bytes encoded) instead of the body.
+            Some(_) => message_size_bound(&self.message) - self.message.body.len() + 24,
             None => message_size_bound(&self.message),
         }
     }
