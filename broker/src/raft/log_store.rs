@@ -1092,6 +1092,164 @@ mod tests {
         );
     }
 
+    /// Random batches applied twice, bodies in the log and bodies inline, must store the
+    /// same messages: a differential check of the ordinals through every command kind.
+    #[tokio::test]
+    async fn bodies_in_the_log_read_back_as_bodies_stored_inline() {
+        use crate::raft::state_machine::StateMachineStore;
+        use crate::state::StateMachine;
+        use crate::storage::Store;
+        use openraft::storage::RaftStateMachine;
+        use openraft::RaftSnapshotBuilder;
+
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below
+        };
+        let topics = ["t", "t", "u", "missing"];
+        let mut message_id = 0;
+        let mut command = |next: &mut dyn FnMut(u64) -> u64| -> Command {
+            let topic = topics[next(4) as usize].to_string();
+            message_id += 1;
+            let mut message = |next: &mut dyn FnMut(u64) -> u64| {
+                // Repeated ids now and then, for publishes deduplicated by id.
+                let id = format!("m{}", message_id + next(3));
+                let len = [0, 1, 100, 1500, 20_000][next(5) as usize];
+                Message::new(id, vec![next(256) as u8; len])
+            };
+            match next(6) {
+                0 | 1 => Command::Append {
+                    topic,
+                    producer: None,
+                    records: (0..1 + next(4))
+                        .map(|_| ([0, 1, 2, 0, 0, 9][next(6) as usize], message(next)))
+                        .collect(),
+                    dedupe_by_id: next(2) == 0,
+                },
+                2 => Command::SendHalf {
+                    half: Box::new(crate::state::command::HalfMessage {
+                        topic,
+                        queue: [0, 1, 2, 0, 0, 9][next(6) as usize],
+                        producer_group: "g".into(),
+                        instance: "i".into(),
+                        message: message(next),
+                    }),
+                    first_check_at_ms: u64::MAX,
+                },
+                3 => Command::EndTxn {
+                    txn_id: 1 + next(48),
+                    commit: next(3) != 0,
+                },
+                4 => Command::AbandonTxns {
+                    txn_ids: vec![1 + next(48)],
+                },
+                _ => Command::DeadLetter {
+                    topic,
+                    group: "dg".into(),
+                    offsets: vec![(0, next(3))],
+                    records: vec![(0, message(next))],
+                },
+            }
+        };
+        let mut entries = vec![normal(
+            1,
+            vec![
+                Command::CreateTopic {
+                    name: "t".into(),
+                    queues: 3,
+                },
+                Command::CreateTopic {
+                    name: "u".into(),
+                    queues: 1,
+                },
+            ],
+        )];
+        for index in 2..80 {
+            let mut commands = Vec::new();
+            for _ in 0..1 + next(6) {
+                commands.push(match next(5) {
+                    0 => Command::Each(
+                        (0..1 + next(3))
+                            .map(|_| match next(4) {
+                                0 => Command::Each(vec![command(&mut next)]),
+                                _ => command(&mut next),
+                            })
+                            .collect(),
+                    ),
+                    _ => command(&mut next),
+                });
+            }
+            entries.push(normal(index, commands));
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("raft-log.redb");
+        {
+            let db = Database::create(&log_path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut table = txn.open_table(ENTRIES).unwrap();
+            for e in &entries {
+                put_entry(&mut table, e, &mut Vec::new()).unwrap();
+            }
+            drop(table);
+            txn.commit().unwrap();
+        }
+        let log = LogStore::open(&log_path, Arc::new(Metrics::default())).unwrap();
+        let in_log = Arc::new(Store::open(&dir.path().join("in-log.redb")).unwrap());
+        in_log.attach_log(Arc::new(log.clone()));
+        let inline = Arc::new(Store::open(&dir.path().join("inline.redb")).unwrap());
+        let mut a = StateMachineStore::new(StateMachine::open(in_log.clone()).unwrap()).unwrap();
+        let mut b = StateMachineStore::new(StateMachine::open(inline.clone()).unwrap()).unwrap();
+        for entry in &entries {
+            let from_log = a.apply(vec![entry.clone()]).await.unwrap();
+            let stored_inline = b.apply(vec![entry.clone()]).await.unwrap();
+            assert_eq!(from_log, stored_inline, "entry {}", entry.log_id.index);
+        }
+        let snapshot = a
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let from_snapshot = Store::open(&dir.path().join("snapshot.redb")).unwrap();
+        from_snapshot.import(snapshot.snapshot.get_ref()).unwrap();
+
+        let everything = |store: &Store| {
+            let mut out = Vec::new();
+            for (name, topic, ends) in store.load().unwrap().topics {
+                for (queue, end) in (0u32..).zip(ends) {
+                    let offsets: Vec<u64> = (0..end).collect();
+                    for (offset, _, record) in store.read(topic.id, queue, &offsets).unwrap() {
+                        assert_eq!(record.body_in_log, None);
+                        out.push((name.clone(), queue, offset, record));
+                    }
+                }
+            }
+            let halves: Vec<_> = (1..=64).map(|id| store.read_half(id).unwrap()).collect();
+            (out, halves)
+        };
+        let expected = everything(&inline);
+        assert!(
+            expected.0.len() > 40 && expected.0.iter().any(|(n, ..)| n.starts_with("%")),
+            "the batches store messages, dead letters or abandoned ones among them: {}",
+            expected.0.len()
+        );
+        let pending = expected.1.iter().flatten().count();
+        assert!(
+            pending > 0 && pending < 40,
+            "some halves pending: {pending}"
+        );
+        assert_eq!(everything(&in_log), expected, "bodies read from the log");
+        assert_eq!(
+            everything(&from_snapshot),
+            expected,
+            "bodies from the snapshot"
+        );
+    }
+
     #[test]
     fn a_missing_chunk_is_an_error_not_a_wrong_entry() {
         let dir = tempfile::tempdir().unwrap();
