@@ -1114,7 +1114,7 @@ mod tests {
         let mut command = |next: &mut dyn FnMut(u64) -> u64| -> Command {
             let topic = topics[next(4) as usize].to_string();
             message_id += 1;
-            let mut message = |next: &mut dyn FnMut(u64) -> u64| {
+            let message = |next: &mut dyn FnMut(u64) -> u64| {
                 // Repeated ids now and then, for publishes deduplicated by id.
                 let id = format!("m{}", message_id + next(3));
                 let len = [0, 1, 100, 1500, 20_000][next(5) as usize];
