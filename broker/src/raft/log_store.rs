@@ -450,9 +450,8 @@ impl LogBodies for LogStore {
             .map(|&o| {
                 bodies.get(o as usize).map(|b| b.to_vec()).ok_or_else(|| {
                     format!(
-                        "log entry {index} has {} bodies, not {}",
-                        bodies.len(),
-                        o + 1
+                        "log entry {index} has {} bodies, none at position {o}",
+                        bodies.len()
                     )
                 })
             })
