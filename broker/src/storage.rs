@@ -788,6 +788,19 @@ impl Store {
         queue: u32,
         offsets: &[u64],
     ) -> Result<Vec<(u64, u64, Record)>, StorageError> {
+        let mut out = self.read_without_bodies(topic_id, queue, offsets)?;
+        self.fill_bodies(out.iter_mut().map(|(_, _, record)| record))?;
+        Ok(out)
+    }
+
+    /// As [`Store::read`], but a body left in the Raft log stays there (the record's
+    /// body is empty and `body_in_log` says where): for readers of metadata only.
+    pub fn read_without_bodies(
+        &self,
+        topic_id: u32,
+        queue: u32,
+        offsets: &[u64],
+    ) -> Result<Vec<(u64, u64, Record)>, StorageError> {
         let txn = self.db.begin_read()?;
         let segments = txn.open_table(SEGMENTS)?;
         let mut out = Vec::with_capacity(offsets.len());
@@ -815,7 +828,6 @@ impl Store {
             })?;
             out.push((offset, segment.stored_at_ms, record));
         }
-        self.fill_bodies(out.iter_mut().map(|(_, _, record)| record))?;
         Ok(out)
     }
 }

@@ -167,7 +167,7 @@ fn read_meta(
 ) -> Result<Vec<MessageMeta>, StorageError> {
     let offsets: Vec<u64> = (from..to).collect();
     Ok(store
-        .read(topic_id, queue, &offsets)?
+        .read_without_bodies(topic_id, queue, &offsets)?
         .into_iter()
         .map(|(_, _, record)| MessageMeta {
             fifo: record

@@ -1075,6 +1075,16 @@ mod tests {
             );
         };
         expect(&store);
+        let (_, _, meta) = store.read_without_bodies(1, 0, &[0]).unwrap().remove(0);
+        assert_eq!(meta.message.id, "a");
+        assert!(
+            meta.message.body.is_empty(),
+            "metadata readers leave the body in the log"
+        );
+        assert_eq!(
+            meta.body_in_log.map(|at| (at.index, at.len)),
+            Some((2, 3000))
+        );
         let snapshot = sm
             .get_snapshot_builder()
             .await
