@@ -1255,6 +1255,26 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_of_schema_version_1_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        {
+            // Written before bodies moved to the log: records would be misread.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        match Store::open(&path) {
+            Err(StorageError::Schema { found: 1 }) => {}
+            other => panic!("expected a schema error, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn a_body_in_the_log_without_a_log_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state.redb")).unwrap();
