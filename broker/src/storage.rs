@@ -77,7 +77,10 @@ pub enum StorageError {
         detail: String,
     },
     /// The data directory was written by an incompatible version.
-    #[error("schema version {found} is not supported (expected {SCHEMA_VERSION})")]
+    #[error(
+        "schema version {found} is not supported (expected {SCHEMA_VERSION}): the data \
+         directory was written by an incompatible version of escrow; start with an empty one"
+    )]
     Schema {
         /// Version found on disk.
         found: u64,
