@@ -964,6 +964,21 @@ mod tests {
         }
     }
 
+    /// A log store opened on a file that holds `entries`, durably, as its writer leaves them.
+    fn log_holding(path: &Path, entries: &[Entry]) -> LogStore {
+        {
+            let db = Database::create(path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut table = txn.open_table(ENTRIES).unwrap();
+            for e in entries {
+                put_entry(&mut table, e, &mut Vec::new()).unwrap();
+            }
+            drop(table);
+            txn.commit().unwrap();
+        }
+        LogStore::open(path, Arc::new(Metrics::default())).unwrap()
+    }
+
     fn half(id: &str, len: usize) -> Command {
         Command::SendHalf {
             half: Box::new(crate::state::command::HalfMessage {
@@ -1022,18 +1037,7 @@ mod tests {
                 }],
             ),
         ];
-        {
-            // Entries on disk as the writer leaves them (durable before the apply).
-            let db = Database::create(&log_path).unwrap();
-            let txn = db.begin_write().unwrap();
-            let mut table = txn.open_table(ENTRIES).unwrap();
-            for e in &entries {
-                put_entry(&mut table, e, &mut Vec::new()).unwrap();
-            }
-            drop(table);
-            txn.commit().unwrap();
-        }
-        let log = LogStore::open(&log_path, Arc::new(Metrics::default())).unwrap();
+        let log = log_holding(&log_path, &entries);
         log.wait_durable(3).unwrap();
         let store = Arc::new(Store::open(&dir.path().join("state.redb")).unwrap());
         store.attach_log(Arc::new(log.clone()));
@@ -1196,17 +1200,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("raft-log.redb");
-        {
-            let db = Database::create(&log_path).unwrap();
-            let txn = db.begin_write().unwrap();
-            let mut table = txn.open_table(ENTRIES).unwrap();
-            for e in &entries {
-                put_entry(&mut table, e, &mut Vec::new()).unwrap();
-            }
-            drop(table);
-            txn.commit().unwrap();
-        }
-        let log = LogStore::open(&log_path, Arc::new(Metrics::default())).unwrap();
+        let log = log_holding(&log_path, &entries);
         let in_log = Arc::new(Store::open(&dir.path().join("in-log.redb")).unwrap());
         in_log.attach_log(Arc::new(log.clone()));
         let inline = Arc::new(Store::open(&dir.path().join("inline.redb")).unwrap());
