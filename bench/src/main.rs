@@ -8,6 +8,7 @@
 //! escrow-bench outbox --database-url postgresql://postgres@127.0.0.1/postgres --rows 200000
 //! escrow-bench disk --dir /tmp     # the machine's fdatasync time, no broker involved
 //! escrow-bench nats-publish --url nats://127.0.0.1:14222 --replicas 3   # --features nats
+//! escrow-bench rabbitmq-publish --url amqp://guest:guest@127.0.0.1:5672/%2f   # --features rabbitmq
 //! ```
 //! Reports msgs/s, MB/s, latency percentiles and the broker's fsync count; `--json FILE`
 //! writes the same as a machine-readable report.
@@ -17,6 +18,8 @@ mod disk;
 #[cfg(feature = "nats")]
 mod nats;
 mod outbox;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
 mod report;
 mod scenarios;
 mod txn;
@@ -75,6 +78,9 @@ enum Scenario {
     /// The publish scenario against NATS JetStream, for comparison.
     #[cfg(feature = "nats")]
     NatsPublish(nats::NatsArgs),
+    /// The publish scenario against a RabbitMQ quorum queue, for comparison.
+    #[cfg(feature = "rabbitmq")]
+    RabbitmqPublish(rabbitmq::RabbitArgs),
 }
 
 #[tokio::main]
@@ -90,6 +96,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Disk(args) => disk::disk(args)?,
         #[cfg(feature = "nats")]
         Scenario::NatsPublish(args) => nats::publish(args).await?,
+        #[cfg(feature = "rabbitmq")]
+        Scenario::RabbitmqPublish(args) => rabbitmq::publish(args).await?,
     };
     report.print();
     if let Some(path) = cli.json {
