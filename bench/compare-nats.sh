@@ -8,6 +8,7 @@
 #   bench/compare-nats.sh [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/peer-scenarios.sh
 rounds=${1:-2}
 bin=${ESCROW_BIN:-target/release}
 nats=${NATS_SERVER:-nats-server}
@@ -47,15 +48,7 @@ EOF
     sleep 0.5
   done
   ticks() { for p in "${pids[@]}"; do cat "/proc/$p/stat"; done | awk '{t += $14 + $15} END {print t}'; }
-  for s in p256 p1; do
-    case $s in
-      p256) args=(--count 200000 --window 256) ;;
-      p1) args=(--count 3000 --window 1) ;;
-    esac
-    t0=$(ticks)
-    out=$("$bin/escrow-bench" nats-publish --url $url --replicas 3 --size 1024 "${args[@]}" 2>&1)
-    echo "nats $s: $(grep -E '^(throughput|latency)' <<<"$out" | tr '\n' ' ') cpu_ticks=$(($(ticks) - t0))"
-  done
+  peer_scenarios nats ticks nats-publish --url $url --replicas 3
   stop
 }
 

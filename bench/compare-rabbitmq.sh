@@ -9,6 +9,7 @@
 #   bench/compare-rabbitmq.sh [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/peer-scenarios.sh
 rounds=${1:-2}
 bin=${ESCROW_BIN:-target/release}
 url=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
@@ -21,15 +22,7 @@ ticks() { [ -n "$beam" ] && awk '{print $14 + $15}' "/proc/$beam/stat" || echo 0
 
 rabbit_round() {
   "$bin/escrow-bench" rabbitmq-publish --url "$url" --count 50000 --window 256 >/dev/null
-  for s in p256 p1; do
-    case $s in
-      p256) args=(--count 200000 --window 256) ;;
-      p1) args=(--count 3000 --window 1) ;;
-    esac
-    t0=$(ticks)
-    out=$("$bin/escrow-bench" rabbitmq-publish --url "$url" --size 1024 "${args[@]}" 2>&1)
-    echo "rabbitmq $s: $(grep -E '^(throughput|latency)' <<<"$out" | tr '\n' ' ') cpu_ticks=$(($(ticks) - t0))"
-  done
+  peer_scenarios rabbitmq ticks rabbitmq-publish --url "$url"
 }
 
 for r in $(seq "$rounds"); do

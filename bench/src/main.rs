@@ -18,6 +18,8 @@ mod disk;
 #[cfg(feature = "nats")]
 mod nats;
 mod outbox;
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+mod peer;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 mod report;

@@ -2,7 +2,8 @@
 //! `bench/compare-nats.sh`). Every message is acknowledged by JetStream once stored on the
 //! stream's replicas; with `sync_interval: always` that includes their fsync.
 
-use crate::report::{histogram, Report, Totals};
+use crate::peer::Acks;
+use crate::report::Report;
 use crate::scenarios::Load;
 use anyhow::Context;
 use async_nats::jetstream::{self, stream};
@@ -41,49 +42,20 @@ pub(crate) async fn publish(args: NatsArgs) -> anyhow::Result<Report> {
     .await
     .context("creating the stream")?;
     let body = bytes::Bytes::from(vec![b'x'; args.load.size]);
-    let mut latency = histogram();
-    let mut acks = tokio::task::JoinSet::new();
-    let mut errors = 0;
-    let mut record = |done: Result<Result<u64, _>, _>| match done {
-        Ok(Ok(us)) => {
-            let _ = latency.record(u64::max(us, 1));
-        }
-        Ok(Err(_)) | Err(_) => errors += 1,
-    };
-    let started = Instant::now();
+    let mut acks = Acks::new(args.load.window);
     for _ in 0..args.load.count {
-        if acks.len() >= args.load.window.max(1) {
-            if let Some(done) = acks.join_next().await {
-                record(done);
-            }
-        }
+        acks.make_room().await;
         let sent = Instant::now();
         let ack = js.publish(subject.clone(), body.clone()).await?;
-        acks.spawn(async move {
-            ack.await
-                .map(|_| sent.elapsed().as_micros() as u64)
-                .map_err(|e| e.to_string())
+        acks.track(sent, async move {
+            ack.await.map(|_| ()).map_err(|e| e.to_string())
         });
     }
-    while let Some(done) = acks.join_next().await {
-        record(done);
-    }
-    let elapsed = started.elapsed();
+    let parameters = serde_json::json!({
+        "url": args.url, "replicas": args.replicas, "size": args.load.size,
+        "count": args.load.count, "window": args.load.window,
+    });
+    let report = acks.finish("nats-publish", parameters, &args.load).await;
     let _ = js.delete_stream(&args.stream).await;
-    let ok = args.load.count - errors;
-    Ok(Report::new(
-        "nats-publish",
-        serde_json::json!({
-            "url": args.url, "replicas": args.replicas, "size": args.load.size,
-            "count": args.load.count, "window": args.load.window,
-        }),
-        Totals {
-            messages: ok,
-            bytes: ok * args.load.size as u64,
-            elapsed,
-            fsyncs: 0,
-            errors,
-        },
-        &latency,
-    ))
+    Ok(report)
 }

@@ -3,7 +3,8 @@
 //! one is acknowledged by a publisher confirm, which a quorum queue sends once the message
 //! is in its Raft log, fsynced, on a majority of its replicas.
 
-use crate::report::{histogram, Report, Totals};
+use crate::peer::Acks;
+use crate::report::Report;
 use crate::scenarios::Load;
 use anyhow::Context;
 use clap::Args;
@@ -54,22 +55,9 @@ pub(crate) async fn publish(args: RabbitArgs) -> anyhow::Result<Report> {
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let body = vec![b'x'; args.load.size];
-    let mut latency = histogram();
-    let mut confirms = tokio::task::JoinSet::new();
-    let mut errors = 0;
-    let mut record = |done: Result<Result<u64, String>, _>| match done {
-        Ok(Ok(us)) => {
-            let _ = latency.record(u64::max(us, 1));
-        }
-        Ok(Err(_)) | Err(_) => errors += 1,
-    };
-    let started = Instant::now();
+    let mut confirms = Acks::new(args.load.window);
     for _ in 0..args.load.count {
-        if confirms.len() >= args.load.window.max(1) {
-            if let Some(done) = confirms.join_next().await {
-                record(done);
-            }
-        }
+        confirms.make_room().await;
         let sent = Instant::now();
         let confirm = channel
             .basic_publish(
@@ -80,36 +68,24 @@ pub(crate) async fn publish(args: RabbitArgs) -> anyhow::Result<Report> {
                 BasicProperties::default().with_delivery_mode(PERSISTENT),
             )
             .await?;
-        confirms.spawn(async move {
+        confirms.track(sent, async move {
             match confirm.await {
-                Ok(c) if c.is_ack() => Ok(sent.elapsed().as_micros() as u64),
+                Ok(c) if c.is_ack() => Ok(()),
                 Ok(_) => Err("nacked".to_string()),
                 Err(e) => Err(e.to_string()),
             }
         });
     }
-    while let Some(done) = confirms.join_next().await {
-        record(done);
-    }
-    let elapsed = started.elapsed();
+    let parameters = serde_json::json!({
+        "url": args.url, "queue": args.queue, "size": args.load.size,
+        "count": args.load.count, "window": args.load.window,
+    });
+    let report = confirms
+        .finish("rabbitmq-publish", parameters, &args.load)
+        .await;
     let _ = channel
         .queue_delete(args.queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = connection.close(200, "done".into()).await;
-    let ok = args.load.count - errors;
-    Ok(Report::new(
-        "rabbitmq-publish",
-        serde_json::json!({
-            "url": args.url, "queue": args.queue, "size": args.load.size,
-            "count": args.load.count, "window": args.load.window,
-        }),
-        Totals {
-            messages: ok,
-            bytes: ok * args.load.size as u64,
-            elapsed,
-            fsyncs: 0,
-            errors,
-        },
-        &latency,
-    ))
+    Ok(report)
 }
