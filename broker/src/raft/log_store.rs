@@ -181,6 +181,24 @@ impl DurableIndex {
         self.changed.notify_all();
     }
 
+    /// Follows a batch the writer made durable, in order: appends raise the index, a
+    /// truncation lowers it below the entries it removed.
+    fn after_write(&self, batch: &[Op]) {
+        self.update(|(index, _)| {
+            for op in batch {
+                match op {
+                    Op::Append(entries, _, _) => {
+                        if let Some(last) = entries.last() {
+                            *index = (*index).max(last.log_id.index);
+                        }
+                    }
+                    Op::Truncate(from, _) => *index = (*index).min(from.saturating_sub(1)),
+                    _ => {}
+                }
+            }
+        });
+    }
+
     fn wait_for(&self, index: u64) -> Result<(), String> {
         let deadline = std::time::Instant::now() + DURABLE_WAIT;
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -513,19 +531,7 @@ fn write_loop(
             c.evict();
         }
         if result.is_ok() {
-            durable_index.update(|(index, _)| {
-                for op in &batch {
-                    match op {
-                        Op::Append(entries, _, _) => {
-                            if let Some(last) = entries.last() {
-                                *index = (*index).max(last.log_id.index);
-                            }
-                        }
-                        Op::Truncate(from, _) => *index = (*index).min(from.saturating_sub(1)),
-                        _ => {}
-                    }
-                }
-            });
+            durable_index.after_write(&batch);
         }
         for op in batch {
             let outcome = result.as_ref().map(|_| ()).map_err(|e| fail(&e.0));
@@ -1250,6 +1256,36 @@ mod tests {
             everything(&from_snapshot),
             expected,
             "bodies from the snapshot"
+        );
+    }
+
+    /// A durable state commit relies on this wait (G2): it must hold until the writer
+    /// reaches the index, see a truncation, and fail rather than hang once it stops.
+    #[test]
+    fn a_wait_for_durable_entries_follows_the_writer() {
+        let durable = Arc::new(DurableIndex::default());
+        durable.update(|d| d.0 = 3);
+        assert_eq!(durable.wait_for(3), Ok(()), "already durable");
+        let writer = durable.clone();
+        let ahead = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let (tx, _rx) = mpsc::sync_channel(1);
+            // A truncation first: entries from 2 on are gone, 3 is no longer durable.
+            writer.after_write(&[Op::Truncate(2, tx)]);
+            assert_eq!(writer.state.lock().unwrap().0, 1);
+            writer.update(|d| d.0 = 5);
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(durable.wait_for(5), Ok(()));
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(100),
+            "it waited"
+        );
+        ahead.join().unwrap();
+        durable.update(|d| d.1 = true);
+        assert!(
+            durable.wait_for(6).is_err(),
+            "a stopped writer ends the wait"
         );
     }
 

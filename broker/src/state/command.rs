@@ -130,13 +130,16 @@ impl Batch {
         self.commands
             .iter()
             .flat_map(|command| match command {
-                Command::Each(inner) => inner.iter().collect::<Vec<_>>(),
-                command => vec![command],
+                Command::Each(inner) => inner.as_slice(),
+                command => std::slice::from_ref(command),
             })
-            .flat_map(|command| match command {
-                Command::Append { records, .. } => records.iter().map(|(_, m)| m).collect(),
-                Command::SendHalf { half, .. } => vec![&half.message],
-                _ => Vec::new(),
+            .flat_map(|command| {
+                let (records, half): (&[(u32, Message)], _) = match command {
+                    Command::Append { records, .. } => (records, None),
+                    Command::SendHalf { half, .. } => (&[], Some(&half.message)),
+                    _ => (&[], None),
+                };
+                records.iter().map(|(_, m)| m).chain(half)
             })
             .map(|message| message.body.as_slice())
     }
